@@ -1,0 +1,124 @@
+"""Diagonal Hessian estimators for Sophia: Gauss-Newton-Bartlett (Sophia-G) and Hutchinson (Sophia-H).
+
+Each factory returns a `hessian_fn(params, key, **extra_args)` suitable for `scale_by_sophia`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from sophia_jax.transform import HessianFn, call_with_accepted_kwargs
+
+__all__ = ["gauss_newton_bartlett", "hutchinson"]
+
+
+def _require_key(key: jax.Array | None) -> jax.Array:
+    if key is None:
+        raise TypeError(
+            "a Sophia hessian_fn was called without a PRNG key. Under optax.inject_hyperparams, callables "
+            "are taken for schedules: use optax.inject_hyperparams(sophia_jax.sophia_g, "
+            "static_args=('hessian_fn',))(...)."
+        )
+    return key
+
+
+def _split_logits_and_mask(output: Any) -> tuple[jax.Array, jax.Array]:
+    if isinstance(output, tuple):
+        if len(output) != 2:
+            raise ValueError(
+                f"logits_fn returned a tuple of {len(output)} items; return logits [..., V] or "
+                "(logits [..., V], mask [...])."
+            )
+        logits, mask = output
+        if mask.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"logits_fn's mask has shape {mask.shape}, expected the logits' leading shape "
+                f"{logits.shape[:-1]} (one 0/1 entry per predicted position)."
+            )
+        return logits, mask.astype(jnp.float32)
+    return output, jnp.ones(output.shape[:-1], jnp.float32)
+
+
+def gauss_newton_bartlett(
+    logits_fn: Callable[..., Any], *, max_grad_norm: float | None = None
+) -> HessianFn:
+    """The Gauss-Newton-Bartlett estimator of Sophia-G.
+
+    Samples labels from the model's own predictions, `y_hat ~ Categorical(logits)`, takes `g_s`, the
+    gradient of the mean cross-entropy against `y_hat` over the N unmasked positions, and returns
+    `N * g_s * g_s`: an unbiased estimate of the diagonal of the Gauss-Newton matrix of the mean loss
+    (the sampled-label per-position gradients have mean zero, so the factor N undoes the 1/N**2 of
+    squaring their mean).
+
+    Args:
+      logits_fn: `logits_fn(params, **extra_args)` returning logits `[..., V]`, or a pair
+        `(logits, mask)` where `mask` (same leading shape, 0/1) marks the positions that count,
+        e.g. `(logits, tokens != pad_id)`. Extra keyword arguments it does not accept are dropped.
+        Under jit with sharded inputs, N and the mean are over the whole global batch.
+      max_grad_norm: clip `g_s` to this global norm before squaring (the official loop clips at 1.0,
+        like the training gradient); None leaves it unclipped.
+
+    Returns:
+      `hessian_fn(params, key, **extra_args) -> h_hat`, a pytree like params.
+    """
+    clip = None if max_grad_norm is None else optax.clip_by_global_norm(max_grad_norm)
+
+    def hessian_fn(params: optax.Params, key: jax.Array | None = None, **extra_args: Any) -> optax.Updates:
+        key = _require_key(key)
+
+        def sampled_label_loss(p: optax.Params) -> tuple[jax.Array, jax.Array]:
+            logits, mask = _split_logits_and_mask(call_with_accepted_kwargs(logits_fn, p, **extra_args))
+            logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+            labels = jax.random.categorical(key, jax.lax.stop_gradient(logits))
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+            n = jnp.sum(mask)
+            return jnp.sum(losses * mask) / jnp.maximum(n, 1), n
+
+        g, n = jax.grad(sampled_label_loss, has_aux=True)(params)
+        if clip is not None:
+            g, _ = clip.update(g, clip.init(g))
+        return jax.tree.map(lambda x: (n * x * x).astype(x.dtype), g)
+
+    return hessian_fn
+
+
+def hutchinson(
+    loss_fn: Callable[..., jax.Array],
+    *,
+    distribution: Literal["rademacher", "gaussian"] = "rademacher",
+) -> HessianFn:
+    """Hutchinson's estimator of the Hessian diagonal, `u * (H u)`, for Sophia-H.
+
+    `E[u * Hu] = diag(H)` for any u with independent zero-mean unit-variance entries; Rademacher u has
+    the lower variance. `Hu` is a forward-over-reverse Hessian-vector product (one extra
+    forward-and-backward's worth of work).
+
+    Args:
+      loss_fn: `loss_fn(params, **extra_args)` returning a scalar; extra keyword arguments it does
+        not accept are dropped.
+      distribution: "rademacher" (entries +-1) or "gaussian" (standard normal).
+
+    Returns:
+      `hessian_fn(params, key, **extra_args) -> h_hat`, a pytree like params. Its entries can be
+      negative; `scale_by_sophia` uses `max(rho*h, 0)` in its denominator.
+    """
+    samplers = {"rademacher": jax.random.rademacher, "gaussian": jax.random.normal}
+    if distribution not in samplers:
+        raise ValueError(f"distribution={distribution!r}; choose 'rademacher' or 'gaussian'.")
+    sampler = samplers[distribution]
+
+    def hessian_fn(params: optax.Params, key: jax.Array | None = None, **extra_args: Any) -> optax.Updates:
+        key = _require_key(key)
+
+        def loss(p: optax.Params) -> jax.Array:
+            return call_with_accepted_kwargs(loss_fn, p, **extra_args)
+
+        u = optax.tree.random_like(key, params, sampler=sampler)
+        _, hu = jax.jvp(jax.grad(loss), (params,), (u,))
+        return jax.tree.map(jnp.multiply, u, hu)
+
+    return hessian_fn

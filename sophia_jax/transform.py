@@ -1,0 +1,310 @@
+"""Sophia as optax gradient transformations.
+
+The update follows the official PyTorch SophiaG (Liu et al. 2023) step for step; see `scale_by_sophia`
+for the exact order of operations and how the Hessian scale convention maps onto the official `bs`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "HessianFn",
+    "SophiaState",
+    "metrics",
+    "scale_by_sophia",
+    "sophia_g",
+    "sophia_h",
+    "update_hessian",
+]
+
+HessianFn = Callable[..., optax.Updates]
+"""`hessian_fn(params, key, **extra_args) -> h_hat`, one diagonal Hessian estimate shaped like params."""
+
+
+class SophiaState(NamedTuple):
+    """State of `scale_by_sophia`."""
+
+    count: jax.Array  # int32 []: update calls made so far.
+    mu: optax.Updates  # first moment m, like params, in mu_dtype (params' dtype when None).
+    h: optax.Updates  # EMA of diagonal Hessian estimates h_hat, like params, in params' dtype.
+    key: jax.Array  # uint32 [2]: PRNG key; split once per estimator call.
+    hessian_updates: jax.Array  # int32 []: estimates folded into h.
+    hessian_skips: jax.Array  # int32 []: non-finite estimates rejected (h kept its value).
+    hparams: dict[str, jax.Array]  # float []: rho, b2, eps, clip_threshold of the latest update,
+    # kept so that `metrics` and `update_hessian` agree with the transformation (also under
+    # `optax.inject_hyperparams`).
+
+
+def call_with_accepted_kwargs(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Calls `fn(*args, **kwargs)`, dropping the keyword arguments `fn` does not accept."""
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return fn(*args, **kwargs)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return fn(*args, **kwargs)
+    accepted = {p.name for p in parameters if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
+    return fn(*args, **{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def _fold_estimate(state: SophiaState, h_hat: optax.Updates, b2: Any) -> SophiaState:
+    """h <- b2*h + (1-b2)*h_hat when h_hat is all finite; otherwise keep h and count the skip."""
+    h_hat = optax.tree.cast_like(h_hat, state.h)
+    finite = jnp.array(True)
+    for leaf in jax.tree.leaves(h_hat):
+        finite &= jnp.all(jnp.isfinite(leaf))
+    refreshed = optax.tree.cast_like(optax.tree.update_moment(h_hat, state.h, b2, 1), state.h)
+    h = optax.tree.where(finite, refreshed, state.h)
+    return state._replace(
+        h=h,
+        hessian_updates=state.hessian_updates + finite.astype(jnp.int32),
+        hessian_skips=state.hessian_skips + (~finite).astype(jnp.int32),
+    )
+
+
+def scale_by_sophia(
+    b1: float = 0.965,
+    b2: float = 0.99,
+    rho: float = 0.04,
+    eps: float = 1e-12,
+    clip_threshold: float | None = 1.0,
+    update_interval: int = 10,
+    hessian_fn: HessianFn | None = None,
+    seed: int = 0,
+    mu_dtype: Any | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Scales updates by Sophia's clipped, Hessian-preconditioned momentum.
+
+    One `update(grads, state, params, **extra_args)` call does, in this order:
+
+    1. `m <- b1*m + (1-b1)*g` (no bias correction; m stored in `mu_dtype`);
+    2. `u <- clip(m / (max(rho*h, 0) + eps), -clip_threshold, clip_threshold)`, with h from *before*
+       this call's refresh (the `max` only matters for estimators that can go negative, e.g. Hutchinson);
+    3. `count <- count + 1`;
+    4. if `hessian_fn` is set and `count % update_interval == 0`: split the key and
+       `h <- b2*h + (1-b2)*hessian_fn(params, subkey, **extra_args)`. The estimator runs inside
+       `lax.cond`, so it costs nothing on the other calls. A non-finite estimate is not folded in.
+
+    Scale convention: h estimates the Hessian diagonal of the *mean* training loss, as
+    `gauss_newton_bartlett` does with `N * g_s**2` (the factor N undoes the 1/N**2 of squaring a mean
+    gradient). The official SophiaG keeps `EMA(g_s**2)` and divides by `rho * bs * EMA`, `bs` being
+    the tokens per step: the same number when the estimator batch holds `bs` tokens. Without
+    `hessian_fn`, h changes only through `update_hessian`.
+
+    Args:
+      b1: EMA rate of the momentum m.
+      b2: EMA rate of the Hessian estimate h.
+      rho: the paper's gamma/rho; larger rho clips fewer coordinates.
+      eps: added to the denominator.
+      clip_threshold: coordinates are clipped to [-clip_threshold, clip_threshold]; None disables clipping.
+      update_interval: k, the estimator runs on calls k, 2k, 3k, ...
+      hessian_fn: `hessian_fn(params, key, **extra_args)` returning one diagonal estimate shaped like
+        params; extra keyword arguments it does not accept are dropped.
+      seed: seeds the estimator's PRNG key kept in the state.
+      mu_dtype: dtype of m; None keeps params' dtype.
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs` whose state is a `SophiaState`.
+    """
+    mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+
+    def hparams() -> dict[str, jax.Array]:
+        threshold = jnp.inf if clip_threshold is None else clip_threshold
+        values = {"rho": rho, "b2": b2, "eps": eps, "clip_threshold": threshold}
+        dtype = jnp.result_type(float)  # float64 under jax_enable_x64, else float32; never weak-typed
+        return {name: jnp.asarray(value, dtype) for name, value in values.items()}
+
+    def init_fn(params: optax.Params) -> SophiaState:
+        zero = jnp.zeros([], jnp.int32)
+        return SophiaState(
+            count=zero,
+            mu=optax.tree.zeros_like(params, dtype=mu_dtype),
+            h=optax.tree.zeros_like(params),
+            key=jax.random.PRNGKey(seed),
+            hessian_updates=zero,
+            hessian_skips=zero,
+            hparams=hparams(),
+        )
+
+    def precondition(g: jax.Array, m: jax.Array, h: jax.Array) -> jax.Array:
+        # fp32 (or wider) arithmetic whatever the storage dtype; XLA fuses this into one pass.
+        dtype = jnp.promote_types(g.dtype, jnp.float32)
+        denominator = jnp.maximum(rho * h.astype(dtype), 0) + eps
+        ratio = m.astype(dtype) / denominator
+        if clip_threshold is not None:
+            ratio = jnp.clip(ratio, -clip_threshold, clip_threshold)
+        return ratio.astype(g.dtype)
+
+    def update_fn(
+        updates: optax.Updates, state: SophiaState, params: optax.Params | None = None, **extra_args: Any
+    ) -> tuple[optax.Updates, SophiaState]:
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        mu = optax.tree.cast(mu, mu_dtype) if mu_dtype is not None else optax.tree.cast_like(mu, state.mu)
+        new_updates = jax.tree.map(precondition, updates, mu, state.h)
+        state = state._replace(count=optax.safe_int32_increment(state.count), mu=mu, hparams=hparams())
+        if hessian_fn is None:
+            return new_updates, state
+        if params is None:
+            raise ValueError(
+                "scale_by_sophia with a hessian_fn needs params: call update(grads, state, params, ...)."
+            )
+
+        def refresh(state: SophiaState) -> SophiaState:
+            key, subkey = jax.random.split(state.key)
+            h_hat = call_with_accepted_kwargs(hessian_fn, params, subkey, **extra_args)
+            return _fold_estimate(state._replace(key=key), h_hat, b2)
+
+        state = jax.lax.cond(state.count % update_interval == 0, refresh, lambda s: s, state)
+        return new_updates, state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def sophia_g(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.965,
+    b2: float = 0.99,
+    rho: float = 0.04,
+    weight_decay: float = 0.1,
+    eps: float = 1e-12,
+    clip_threshold: float | None = 1.0,
+    update_interval: int = 10,
+    hessian_fn: HessianFn | None = None,
+    weight_decay_mask: Any | None = None,
+    mu_dtype: Any | None = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Sophia-G: `scale_by_sophia`, decoupled weight decay, then the learning rate.
+
+    The update is `-lr * (clip(m / (rho*h + eps), -1, 1) + weight_decay * p)`, the official SophiaG
+    step with `h` on the per-token scale (see `scale_by_sophia`). Pair it with the Gauss-Newton-Bartlett
+    estimator:
+
+    >>> import jax, jax.numpy as jnp, optax, sophia_jax
+    >>> def logits_fn(params, x):
+    ...   return x @ params["w"]
+    >>> params = {"w": jnp.zeros((4, 3))}
+    >>> opt = optax.chain(
+    ...     optax.clip_by_global_norm(1.0),
+    ...     sophia_jax.sophia_g(1e-3, hessian_fn=sophia_jax.gauss_newton_bartlett(logits_fn),
+    ...                         update_interval=1),
+    ... )
+    >>> state = opt.init(params)
+    >>> x = jnp.ones((8, 4))
+    >>> grads = {"w": jnp.ones((4, 3))}
+    >>> updates, state = opt.update(grads, state, params, x=x)
+    >>> params = optax.apply_updates(params, updates)
+
+    Under `optax.inject_hyperparams`, name the callables that are not schedules:
+    `optax.inject_hyperparams(sophia_g, static_args=("hessian_fn",))(...)` (and "weight_decay_mask"
+    when it is a callable); rho, b1, b2 and the learning rate can then be changed between steps.
+
+    Args:
+      learning_rate: a float or an optax schedule of the step count.
+      b1, b2, rho, eps, clip_threshold, update_interval, hessian_fn, mu_dtype, seed: see `scale_by_sophia`.
+      weight_decay: decoupled weight decay, multiplied by the learning rate as in AdamW.
+      weight_decay_mask: a pytree of bools like params (or a callable returning one) selecting the
+        leaves that decay.
+
+    Returns:
+      An `optax.GradientTransformationExtraArgs`.
+
+    References:
+      Liu et al., Sophia: A Scalable Stochastic Second-order Optimizer for Language Model
+      Pre-training, 2023, https://arxiv.org/abs/2305.14342
+    """
+    return optax.chain(
+        scale_by_sophia(b1, b2, rho, eps, clip_threshold, update_interval, hessian_fn, seed, mu_dtype),
+        optax.add_decayed_weights(weight_decay, weight_decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+
+def sophia_h(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.965,
+    b2: float = 0.99,
+    rho: float = 0.01,
+    weight_decay: float = 0.1,
+    eps: float = 1e-12,
+    clip_threshold: float | None = 1.0,
+    update_interval: int = 10,
+    hessian_fn: HessianFn | None = None,
+    weight_decay_mask: Any | None = None,
+    mu_dtype: Any | None = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+    """Sophia-H: `sophia_g` meant for the Hutchinson estimator (`sophia_jax.hutchinson`).
+
+    Same update as `sophia_g`; only the default rho differs (0.01, the paper's gamma for Sophia-H).
+    Hutchinson on the mean loss estimates the same diagonal as the GNB estimator does, but its
+    entries can be negative; that is harmless, as the denominator uses `max(rho*h, 0)`.
+    """
+    return sophia_g(
+        learning_rate, b1, b2, rho, weight_decay, eps, clip_threshold, update_interval, hessian_fn,
+        weight_decay_mask, mu_dtype, seed,
+    )
+
+
+def _is_sophia_state(node: Any) -> bool:
+    return isinstance(node, SophiaState)
+
+
+def _find_sophia_state(opt_state: optax.OptState) -> SophiaState:
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_sophia_state) if _is_sophia_state(s)]
+    if len(found) != 1:
+        raise ValueError(
+            f"expected exactly one SophiaState inside opt_state, found {len(found)}; pass the state of "
+            "an optimizer built with sophia_jax.scale_by_sophia (or the SophiaState itself)."
+        )
+    return found[0]
+
+
+def update_hessian(opt_state: optax.OptState, h_hat: optax.Updates) -> optax.OptState:
+    """Folds an estimate computed elsewhere into the SophiaState found anywhere inside `opt_state`.
+
+    For trainers that run the Hessian estimator as its own compiled step: `h <- b2*h + (1-b2)*h_hat`
+    with the b2 of the latest update (or of init); a non-finite `h_hat` is counted and not folded in.
+    Neither the step count nor the PRNG key changes.
+    """
+    sophia = _find_sophia_state(opt_state)  # also checks there is exactly one
+    del sophia
+
+    def fold(node: Any) -> Any:
+        return _fold_estimate(node, h_hat, node.hparams["b2"]) if _is_sophia_state(node) else node
+
+    return jax.tree.map(fold, opt_state, is_leaf=_is_sophia_state)
+
+
+def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
+    """Diagnostics of the SophiaState inside `opt_state`, as scalar arrays (jit-friendly).
+
+    Returns:
+      win_rate: fraction of coordinates whose update was not clipped, |m| < clip_threshold *
+        (max(rho*h, 0) + eps) (the official script's "train/win_rate"; tune rho to keep it in 0.1-0.5);
+      hessian_norm, momentum_norm: global L2 norms of h and m;
+      hessian_updates, hessian_skips: estimates folded in / rejected as non-finite;
+      count: update calls so far.
+    """
+    state = _find_sophia_state(opt_state)
+    hp = state.hparams
+    wins = jnp.zeros([], jnp.float32)
+    total = 0
+    for m, h in zip(jax.tree.leaves(state.mu), jax.tree.leaves(state.h)):
+        bound = hp["clip_threshold"] * (jnp.maximum(hp["rho"] * h.astype(jnp.float32), 0) + hp["eps"])
+        wins += jnp.sum(jnp.abs(m.astype(jnp.float32)) < bound, dtype=jnp.float32)
+        total += m.size
+    return {
+        "win_rate": wins / max(total, 1),
+        "hessian_norm": optax.tree.norm(state.h),
+        "momentum_norm": optax.tree.norm(state.mu),
+        "hessian_updates": state.hessian_updates,
+        "hessian_skips": state.hessian_skips,
+        "count": state.count,
+    }
