@@ -121,14 +121,14 @@ def scale_by_sophia(
         return {name: jnp.asarray(value, dtype) for name, value in values.items()}
 
     def init_fn(params: optax.Params) -> SophiaState:
-        zero = jnp.zeros([], jnp.int32)
+        # A fresh buffer per counter, so that a donated state never donates one buffer twice.
         return SophiaState(
-            count=zero,
+            count=jnp.zeros([], jnp.int32),
             mu=optax.tree.zeros_like(params, dtype=mu_dtype),
             h=optax.tree.zeros_like(params),
             key=jax.random.PRNGKey(seed),
-            hessian_updates=zero,
-            hessian_skips=zero,
+            hessian_updates=jnp.zeros([], jnp.int32),
+            hessian_skips=jnp.zeros([], jnp.int32),
             hparams=hparams(),
         )
 

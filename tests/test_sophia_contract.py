@@ -1,0 +1,259 @@
+"""The optax contract: extra args, jit stability, convergence, inject_hyperparams, sharding, dtypes,
+None leaves and masks, non-finite inputs, update_hessian and metrics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+import sophia_jax
+
+
+def _sophia(state):
+    return [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, sophia_jax.SophiaState))
+            if isinstance(s, sophia_jax.SophiaState)][0]
+
+
+def test_estimator_runs_on_calls_k_2k_with_the_extra_args_of_that_call():
+    b2, k = 0.9, 10
+
+    def hessian_fn(params, key, step):
+        return jax.tree.map(lambda p: jnp.full_like(p, step), params)
+
+    opt = optax.chain(optax.clip_by_global_norm(1.0),
+                      sophia_jax.sophia_g(1e-2, b2=b2, update_interval=k, hessian_fn=hessian_fn))
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    update = jax.jit(opt.update)
+    for step in range(1, 26):
+        _, state = update({"w": jnp.ones(3)}, state, params, step=step, unrelated=jnp.zeros(2))
+    # Only the estimates made on calls 10 and 20 are in h.
+    want = (1 - b2) * b2 * 10 + (1 - b2) * 20
+    np.testing.assert_allclose(_sophia(state).h["w"], want, rtol=1e-6)
+    assert int(_sophia(state).hessian_updates) == 2
+
+
+def test_no_recompilation_on_later_calls():
+    traces = []
+
+    def hessian_fn(params, key, batch):
+        return jax.tree.map(lambda p: p * 0 + jnp.mean(batch), params)
+
+    opts = {
+        "plain": sophia_jax.sophia_g(1e-2, hessian_fn=hessian_fn, update_interval=2),
+        "injected": optax.inject_hyperparams(sophia_jax.sophia_g, static_args=("hessian_fn",))(
+            learning_rate=1e-2, rho=0.05, hessian_fn=hessian_fn, update_interval=2),
+        "bf16": sophia_jax.sophia_g(1e-2, hessian_fn=hessian_fn, update_interval=2, mu_dtype=jnp.bfloat16),
+    }
+    for name, opt in opts.items():
+        traces.clear()
+
+        @jax.jit
+        def step(params, state, batch):
+            traces.append(1)
+            grads = jax.tree.map(jnp.ones_like, params)
+            updates, state = opt.update(grads, state, params, batch=batch)
+            return optax.apply_updates(params, updates), state
+
+        params = {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)}
+        state = opt.init(params)
+        for _ in range(4):
+            params, state = step(params, state, jnp.arange(5.0))
+        assert len(traces) == 1, name
+
+
+def _parabola(p):
+    return jnp.sum((p["x"] - jnp.array([1.0, -2.0, 0.5])) ** 2)
+
+
+def _rosenbrock(p):
+    x, y = p["x"]
+    return (1 - x) ** 2 + 100 * (y - x**2) ** 2
+
+
+@pytest.mark.parametrize("f, x0, target, lr, k", [
+    (_parabola, [0.0, 0.0, 0.0], [1.0, -2.0, 0.5], 0.03, 10),
+    (_rosenbrock, [-1.2, 1.0], [1.0, 1.0], 0.1, 1),
+])
+def test_converges(f, x0, target, lr, k):
+    opt = sophia_jax.sophia_h(lr, rho=0.01, weight_decay=0.0, update_interval=k,
+                              hessian_fn=sophia_jax.hutchinson(f))
+
+    @jax.jit
+    def step(params, state):
+        updates, state = opt.update(jax.grad(f)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    params = {"x": jnp.array(x0)}
+    state = opt.init(params)
+    for _ in range(2000):
+        params, state = step(params, state)
+    np.testing.assert_allclose(params["x"], target, atol=1e-3)
+
+
+def test_inject_hyperparams_changes_take_effect():
+    opt = optax.inject_hyperparams(sophia_jax.sophia_g, static_args=("hessian_fn",))(
+        learning_rate=0.1, rho=0.05, weight_decay=0.0, hessian_fn=None)
+    params = {"w": jnp.zeros(4)}
+    state = opt.init(params)
+    state = sophia_jax.update_hessian(state, {"w": jnp.full(4, 1e4)})  # h = 100
+    g = {"w": jnp.array([1.0, -1.0, 0.01, -0.01])}
+    u1, state = opt.update(g, state, params)
+    state.hyperparams["learning_rate"] = jnp.asarray(0.02)
+    state.hyperparams["rho"] = jnp.asarray(0.5)
+    u2, state = opt.update(g, state, params)
+    m1, m2 = 0.035 * g["w"], (0.965 * 0.035 + 0.035) * g["w"]
+    np.testing.assert_allclose(u1["w"], -0.1 * np.clip(m1 / (0.05 * 100), -1, 1), rtol=1e-5)
+    np.testing.assert_allclose(u2["w"], -0.02 * np.clip(m2 / (0.5 * 100), -1, 1), rtol=1e-5)
+    assert float(_sophia(state).hparams["rho"]) == 0.5
+
+
+def _logits_fn(params, x):
+    return jnp.tanh(x @ params["w1"]) @ params["w2"]
+
+
+def test_sharded_update_equals_unsharded():
+    assert jax.device_count() == 8
+    rng = np.random.default_rng(0)
+    params = {"w1": rng.standard_normal((16, 32)).astype(np.float32) * 0.3,
+              "w2": rng.standard_normal((32, 8)).astype(np.float32) * 0.3}
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    opt = optax.chain(optax.clip_by_global_norm(1.0),
+                      sophia_jax.sophia_g(1e-2, update_interval=2,
+                                          hessian_fn=sophia_jax.gauss_newton_bartlett(_logits_fn)))
+
+    def loss(params, x):
+        return jnp.mean(jnp.square(_logits_fn(params, x)))
+
+    def run(params, x):
+        step = jax.jit(lambda p, s, x: opt.update(jax.grad(loss)(p, x), s, p, x=x), donate_argnums=1)
+        state = opt.init(params)
+        for _ in range(4):
+            updates, state = step(params, state, x)
+            params = optax.apply_updates(params, updates)
+        return params, state
+
+    want_params, want_state = run(jax.tree.map(jnp.asarray, params), jnp.asarray(x))
+
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    specs = {"w1": P(None, "model"), "w2": P("model", None)}
+    sharded = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in params.items()}
+    x_sharded = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+    got_params, got_state = run(sharded, x_sharded)
+
+    for k in params:
+        np.testing.assert_allclose(got_params[k], want_params[k], rtol=1e-5, atol=1e-6)
+        assert got_params[k].sharding.is_equivalent_to(sharded[k].sharding, 2)
+    got, want = _sophia(got_state), _sophia(want_state)
+    assert int(got.hessian_updates) == 2
+    for k in params:
+        np.testing.assert_allclose(got.h[k], want.h[k], rtol=1e-4, atol=1e-7)
+        assert got.mu[k].sharding.is_equivalent_to(sharded[k].sharding, 2)
+        assert got.h[k].sharding.is_equivalent_to(sharded[k].sharding, 2)
+    assert jax.tree.structure(got_state) == jax.tree.structure(want_state)
+    assert jax.tree.map(lambda a: a.dtype, got_state) == jax.tree.map(lambda a: a.dtype, want_state)
+
+
+def test_bf16_params_and_bf16_momentum_track_float32():
+    rng = np.random.default_rng(1)
+    p32 = {"w": jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)}
+    g = jnp.asarray(rng.standard_normal((8, 8)), jnp.float32)
+
+    def run(dtype, mu_dtype):
+        opt = sophia_jax.sophia_g(1e-2, update_interval=2, mu_dtype=mu_dtype,
+                                  hessian_fn=lambda p, key: jax.tree.map(lambda a: 0.5 * a * a + 1, p))
+        params = jax.tree.map(lambda a: a.astype(dtype), p32)
+        state = opt.init(params)
+        for _ in range(10):
+            updates, state = jax.jit(opt.update)({"w": (g + params["w"]).astype(dtype)}, state, params)
+            assert updates["w"].dtype == dtype
+            params = optax.apply_updates(params, updates)
+        return params, _sophia(state)
+
+    p_bf16, s_bf16 = run(jnp.bfloat16, jnp.bfloat16)
+    p_f32, _ = run(jnp.float32, None)
+    assert p_bf16["w"].dtype == s_bf16.mu["w"].dtype == s_bf16.h["w"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(p_bf16["w"].astype(np.float32), p_f32["w"], atol=0.05)
+
+
+def test_none_leaves_and_weight_decay_mask():
+    params = {"w": jnp.full(3, 2.0), "b": jnp.full(3, 2.0), "frozen": None}
+    mask = {"w": True, "b": False, "frozen": None}
+    opt = sophia_jax.sophia_g(0.1, weight_decay=0.5, weight_decay_mask=mask)
+    state = opt.init(params)
+    grads = {"w": jnp.ones(3), "b": jnp.ones(3), "frozen": None}
+    updates, state = opt.update(grads, state, params)
+    assert updates["frozen"] is None and _sophia(state).mu["frozen"] is None
+    # h = 0: clipped sign step of size lr, plus lr * wd * p only where the mask says so.
+    np.testing.assert_allclose(updates["w"], -0.1 * (1 + 0.5 * 2.0))
+    np.testing.assert_allclose(updates["b"], -0.1)
+
+
+def test_non_finite_estimate_is_skipped_and_counted():
+    calls = iter([jnp.nan, 4.0, jnp.inf])
+    values = [next(calls) for _ in range(3)]
+    opt = sophia_jax.scale_by_sophia(b2=0.5, update_interval=1,
+                                     hessian_fn=lambda p, key, v: jax.tree.map(lambda a: a * 0 + v, p))
+    params = {"w": jnp.ones(2)}
+    state = opt.init(params)
+    for v in values:
+        _, state = opt.update({"w": jnp.ones(2)}, state, params, v=v)
+    np.testing.assert_allclose(state.h["w"], 2.0)  # only the 4.0 went in: 0.5 * 0 + 0.5 * 4
+    assert (int(state.hessian_updates), int(state.hessian_skips)) == (1, 2)
+    metrics = sophia_jax.metrics(state)
+    assert int(metrics["hessian_skips"]) == 2
+
+
+def test_non_finite_gradients_under_apply_if_finite_leave_the_state_clean():
+    opt = optax.apply_if_finite(
+        sophia_jax.sophia_g(0.1, update_interval=1,
+                            hessian_fn=lambda p, key, v: jax.tree.map(lambda a: a * 0 + v, p)),
+        max_consecutive_errors=5)
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    _, state = opt.update({"w": jnp.ones(3)}, state, params, v=1.0)
+    before = _sophia(state)
+    updates, state = opt.update({"w": jnp.array([1.0, jnp.nan, 1.0])}, state, params, v=jnp.nan)
+    after = _sophia(state)
+    np.testing.assert_array_equal(updates["w"], 0.0)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(a, b)
+    assert int(state.notfinite_count) == 1 and int(state.total_notfinite) == 1
+
+
+def test_update_hessian_folds_into_a_chained_state_and_rejects_others():
+    opt = optax.chain(optax.clip_by_global_norm(1.0), sophia_jax.sophia_g(1e-3, b2=0.8))
+    params = {"w": jnp.ones(2)}
+    state = sophia_jax.update_hessian(opt.init(params), {"w": jnp.array([5.0, 10.0])})
+    state = sophia_jax.update_hessian(state, {"w": jnp.array([0.0, 10.0])})
+    np.testing.assert_allclose(_sophia(state).h["w"], [0.8 * 0.2 * 5.0, 0.8 * 0.2 * 10 + 0.2 * 10], rtol=1e-6)
+    with pytest.raises(ValueError, match="exactly one SophiaState"):
+        sophia_jax.update_hessian(optax.adam(1e-3).init(params), {"w": jnp.ones(2)})
+
+
+def test_metrics_match_a_numpy_count():
+    rng = np.random.default_rng(2)
+    rho = 0.05
+    opt = sophia_jax.sophia_g(1e-3, rho=rho)
+    params = {"a": jnp.zeros((20, 10)), "b": jnp.zeros(7)}
+    state = opt.init(params)
+    h = {k: jnp.asarray(rng.uniform(0, 20, v.shape), jnp.float32) for k, v in params.items()}
+    state = sophia_jax.update_hessian(state, h)  # h <- 0.01 * h
+    grads = {k: jnp.asarray(rng.standard_normal(v.shape), jnp.float32) for k, v in params.items()}
+    _, state = opt.update(grads, state, params)
+    m = {k: 0.035 * np.asarray(grads[k]) for k in grads}
+    wins = sum(np.sum(np.abs(m[k]) < rho * 0.01 * np.asarray(h[k])) for k in m)
+    metrics = sophia_jax.metrics(state)
+    assert float(metrics["win_rate"]) == pytest.approx(wins / 207, abs=1e-6)
+    assert 0 < wins < 207
+    assert float(metrics["momentum_norm"]) == pytest.approx(
+        np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in m.values())), rel=1e-5)
+
+
+def test_hessian_fn_without_params_is_a_clear_error():
+    opt = sophia_jax.sophia_g(1e-3, hessian_fn=lambda p, key: p)
+    state = opt.init({"w": jnp.ones(2)})
+    with pytest.raises(ValueError, match="needs params"):
+        opt.update({"w": jnp.ones(2)}, state)
