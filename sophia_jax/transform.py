@@ -89,7 +89,13 @@ def scale_by_sophia(
     3. `count <- count + 1`;
     4. if `hessian_fn` is set and `count % update_interval == 0`: split the key and
        `h <- b2*h + (1-b2)*hessian_fn(params, subkey, **extra_args)`. The estimator runs inside
-       `lax.cond`, so it costs nothing on the other calls. A non-finite estimate is not folded in.
+       `lax.cond`, so it is not evaluated on the other calls; a non-finite estimate is not folded in.
+
+    The estimator sees the params the update is computed from; the official loop evaluates it one
+    step later, after the params moved. For that exact ordering, and for speed at scale, run the
+    estimator as its own jitted step after `optax.apply_updates` and fold it in with
+    `update_hessian`: with `hessian_fn` compiled into a donated step, XLA copies h through the
+    conditional on every call (see benchmarks/optimizer_step.py).
 
     Scale convention: h estimates the Hessian diagonal of the *mean* training loss, as
     `gauss_newton_bartlett` does with `N * g_s**2` (the factor N undoes the 1/N**2 of squaring a mean
