@@ -3,7 +3,8 @@ fraction of the memory-bandwidth roofline each reaches.
 
 All optimizers are timed in one process, interleaved round by round, on a transformer-shaped pytree
 (~30M parameters by default), as a trainer runs them: `(params, state) -> (params + update, state)`,
-jitted with both donated. Reported times are medians over calls.
+jitted with both donated. Each round times a run of back-to-back calls (dispatch pipelined, as in a
+training loop); reported times are medians over rounds of the mean time per call.
 The roofline is a jitted, donated triad `a*x + b*y` over the same number of elements: bytes moved per
 second by each update (arrays it must read and write, x element size) divided by the triad's.
 
@@ -43,14 +44,14 @@ def transformer_params(layers: int, d: int, vocab: int, key: jax.Array) -> dict:
     return {name: 0.02 * jax.random.normal(k, shape) for k, (name, shape) in zip(keys, shapes.items())}
 
 
-def time_calls(fn: Callable, carry, n: int) -> tuple[list[float], object]:
-    """Runs `carry = fn(carry)` n times, timing each call to completion."""
-    times = []
+def time_calls(fn: Callable, carry, n: int) -> tuple[float, object]:
+    """Runs `carry = fn(carry)` n times back to back (dispatch pipelined, as in a training loop) and
+    returns the mean seconds per call, blocking once at the end."""
+    start = time.perf_counter()
     for _ in range(n):
-        start = time.perf_counter()
-        carry = jax.block_until_ready(fn(carry))
-        times.append(time.perf_counter() - start)
-    return times, carry
+        carry = fn(carry)
+    carry = jax.block_until_ready(carry)
+    return (time.perf_counter() - start) / n, carry
 
 
 def optimizer_steps(params, grads):
@@ -98,8 +99,8 @@ def bench_updates(params, rounds: int, calls: int) -> list[tuple[str, float, int
         _, carries[name] = time_calls(fn, carries[name], 2)
     for _ in range(rounds):
         for name, (fn, _) in fns.items():
-            times, carries[name] = time_calls(fn, carries[name], calls)
-            samples[name] += times
+            seconds, carries[name] = time_calls(fn, carries[name], calls)
+            samples[name].append(seconds)
     return [(name, statistics.median(samples[name]), arrays) for name, (_, arrays) in fns.items()]
 
 
@@ -127,8 +128,8 @@ def bench_hessian_cost(rounds: int) -> list[tuple[str, float]]:
         jax.block_until_ready(fn(params))
     for _ in range(rounds):
         for name, fn in fns.items():
-            times, _ = time_calls(lambda c, fn=fn: fn(params), None, 5)
-            samples[name] += times
+            seconds, _ = time_calls(lambda c, fn=fn: fn(params), None, 5)
+            samples[name].append(seconds)
     return [(name, statistics.median(s)) for name, s in samples.items()]
 
 
@@ -145,7 +146,8 @@ def main() -> None:
     params = transformer_params(args.layers, args.d_model, args.vocab, jax.random.PRNGKey(0))
     n = sum(x.size for x in jax.tree.leaves(params))
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}, optax {optax.__version__}")
-    print(f"params: {n / 1e6:.1f}M float32 in {len(params)} leaves; {args.rounds} rounds x {args.calls} calls, medians\n")
+    print(f"params: {n / 1e6:.1f}M float32 in {len(params)} leaves; median over {args.rounds} rounds "
+          f"of {args.calls} back-to-back calls\n")
 
     results = bench_updates(params, args.rounds, args.calls)
     times = {name: t for name, t, _ in results}
