@@ -1,0 +1,221 @@
+"""Durable training state: orbax checkpoints, the save policy, resume checks and preemption signals.
+
+A checkpoint is one orbax step directory under `<run_dir>/checkpoints/` holding
+  state/   the train state pytree (params, optimizer state with m, h, count and the Hessian key, the
+           training key, the step), written by tensorstore, each host writing only its own shards;
+  extras/  JSON: the data-loader position, the resolved config and anything else the trainer adds.
+orbax writes into a temporary directory and renames it when every host has finished, so a crash mid-save
+never replaces the last complete checkpoint; a step directory that fails to restore is skipped, with a
+warning, in favour of the one before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+__all__ = [
+    "CheckpointConfig",
+    "Checkpointer",
+    "PreemptionGuard",
+    "check_resumable",
+    "trim_metrics",
+]
+
+logger = logging.getLogger(__name__)
+_preservation = ocp.checkpoint_managers.preservation_policy
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """When to save and what to keep (`--checkpoint.*`)."""
+
+    every_steps: int | None = 1000
+    """Save when the step is a multiple of this (None: never by step count)."""
+    every_minutes: float | None = 30.0
+    """Save when this many minutes have passed since the last save (None: never by time)."""
+    keep: int = 2
+    """Keep the latest `keep` checkpoints..."""
+    keep_every: int | None = None
+    """...plus, forever, those whose step is a multiple of this (None: none)."""
+    async_save: bool = True
+    """Write in a background thread; the step loop only waits for the device-to-host copy."""
+
+    def __post_init__(self) -> None:
+        if self.keep < 1:
+            raise ValueError(f"checkpoint.keep={self.keep}; keep at least the latest checkpoint (>= 1)")
+        for name in ("every_steps", "keep_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"checkpoint.{name}={value}; use a positive step count or null")
+
+
+class Checkpointer:
+    """Saves and restores `(state, extras)` pairs in `directory` under a `CheckpointConfig` policy."""
+
+    def __init__(self, directory: str | Path, config: CheckpointConfig = CheckpointConfig(),
+                 clock: Callable[[], float] = time.monotonic):
+        self.directory = Path(directory).absolute()
+        self.config = config
+        self._clock = clock
+        self._last_save = clock()
+        policies = [_preservation.LatestN(config.keep)]
+        if config.keep_every:
+            policies.append(_preservation.EveryNSteps(config.keep_every))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=_preservation.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=config.async_save,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extras"))
+
+    def due(self, step: int) -> bool:
+        """Whether the policy asks for a checkpoint after `step`."""
+        cfg = self.config
+        by_steps = cfg.every_steps is not None and step % cfg.every_steps == 0
+        by_time = cfg.every_minutes is not None and self._clock() - self._last_save >= 60 * cfg.every_minutes
+        return by_steps or by_time
+
+    def save(self, step: int, state: Any, extras: Mapping[str, Any]) -> None:
+        """Starts saving (asynchronously unless configured otherwise); returns once arrays are on the host."""
+        if step in self._manager.all_steps():
+            return  # already saved (e.g. a preemption save right after a policy save)
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(dict(extras)))
+        self._manager.save(step, args=args, force=True)
+        self._last_save = self._clock()
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints, oldest first."""
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """The state (laid out as `abstract_state`'s shardings, which may differ from the saved ones) and extras."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), extras=ocp.args.JsonRestore())
+        restored = self._manager.restore(step, args=args)
+        return restored["state"], dict(restored["extras"])
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
+        """The newest checkpoint that restores, skipping broken ones with a warning; None if there is none."""
+        for step in reversed(self.steps()):
+            try:
+                state, extras = self.restore(step, abstract_state)
+            except Exception as error:  # a damaged step directory: fall back to the previous one
+                logger.warning("checkpoint %s/%d could not be restored (%s: %s); trying the one before it",
+                               self.directory, step, type(error).__name__, error)
+                continue
+            return step, state, extras
+        return None
+
+    def wait(self) -> None:
+        """Blocks until every started save is complete on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def read_extras(step_dir: str | Path) -> dict[str, Any]:
+    """The JSON extras of one checkpoint step directory, without restoring its arrays."""
+    path = Path(step_dir) / "extras" / "metadata"
+    if not path.is_file():
+        raise FileNotFoundError(f"{step_dir} is not a complete sophia-jax checkpoint (no extras/metadata); "
+                                "pass a step directory such as RUN_DIR/checkpoints/1000")
+    return json.loads(path.read_text())
+
+
+def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any], fields: Iterable[str]) -> None:
+    """Refuses to resume when a shape-relevant config field changed.
+
+    Args:
+      saved, current: nested config dicts (the checkpoint's and this run's).
+      fields: dotted names ("model.num_layers") or section names ("model") whose values must match.
+    """
+    changed = []
+    for field in fields:
+        a, b = _lookup(saved, field), _lookup(current, field)
+        if a != b:
+            changed.append(f"{field}: checkpoint has {a!r}, this run has {b!r}")
+    if changed:
+        raise ValueError("cannot resume: the config changed fields that shape the train state:\n  "
+                         + "\n  ".join(changed)
+                         + "\nrestore the old values, or start a fresh run in another --run_dir")
+
+
+def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = tree
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, Mapping) else None
+    return node
+
+
+def trim_metrics(path: str | Path, last_step: int) -> int:
+    """Drops the lines of a metrics.jsonl file whose `step` is after `last_step` (written after the
+    checkpoint a run resumes from), so the resumed run appends without duplicating steps.
+    Returns the number of lines dropped; a torn last line (crash mid-write) is dropped too."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if record.get("step", -1) > last_step:
+            dropped += 1
+        else:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
+    return dropped
+
+
+class PreemptionGuard:
+    """Turns SIGTERM/SIGINT (a TPU preemption notice, Ctrl-C) into a flag the step loop polls.
+
+    The loop finishes its current step, saves and exits 0. A second signal while the flag is set
+    restores the default behaviour (a second Ctrl-C kills). On several hosts, all of them must stop at
+    the same step, so `should_stop(step)` asks JAX's preemption sync point instead (it needs
+    `jax.distributed.initialize()`, whose preemption service catches the notice on every host).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> PreemptionGuard:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:  # second signal: give up on a clean stop
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            signal.raise_signal(signum)
+            return
+        self.signal_name = signal.Signals(signum).name
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:  # every host must agree on the step; JAX's service relays the notice
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self.signal_name is not None
