@@ -101,6 +101,11 @@ def test_param_count_formula_matches_leaves(model):
     assert num_params(gpt2) == 12 * (12 * d * d + 13 * d) + 2 * d + 2 * V * d
     assert flops_per_token(gpt2, seq_len=1024) == 6 * (12 * (12 * d * d + 13 * d) + 2 * d + V * d) + 12 * 12 * d * 1024
 
+    # Pythia-1.4B (GPT-NeoX, untied head, vocab 50277 padded to 50304) has 1,414,647,808 parameters as
+    # published with the released weights.
+    pythia = ModelConfig(vocab_size=50277, hidden_dim=2048, num_layers=24, num_heads=16)
+    assert num_params(pythia) == 1_414_647_808
+
 
 def test_loss_mask_matches_masked_mean(model):
     tokens = _tokens(batch=3)
