@@ -115,6 +115,26 @@ class Checkpointer:
             return step, state, extras
         return None
 
+    def set_aside_after(self, step: int) -> list[int]:
+        """Renames the checkpoints newer than `step` (ones that failed to restore, when a run resumes from
+        `step`) to `<step>.unrestorable`, so that the resumed run can save those steps again; returns them."""
+        newer = [s for s in self.steps() if s > step]
+        if newer and jax.process_index() == 0:
+            for s in newer:
+                path, n = self.directory / str(s), 0
+                target = path.with_name(f"{s}.unrestorable")
+                while target.exists():  # set aside before, by an earlier resume
+                    n += 1
+                    target = path.with_name(f"{s}.unrestorable.{n}")
+                path.rename(target)
+                logger.warning("set aside %s as %s (resuming from step %d)", path, target.name, step)
+        if newer:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("sophia-jax: checkpoints set aside")
+            self._manager.reload()
+        return newer
+
     def wait(self) -> None:
         """Blocks until every started save is complete on disk."""
         self._manager.wait_until_finished()
