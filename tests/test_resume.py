@@ -1,0 +1,192 @@
+"""`sophia-train` end to end, as a user runs it: killed with SIGKILL at step boundaries and mid-save,
+stopped with SIGTERM, resumed each time; the result is bit-identical to one uninterrupted run.
+Also: a damaged latest checkpoint is skipped, a changed shape is refused, wandb offline keeps its run id."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from trainer.checkpoint import CheckpointConfig, Checkpointer
+from trainer.metrics import MetricsWriter
+
+STEPS = 40
+TIMING = ("throughput/tokens_per_second", "throughput/mfu")  # wall-clock: differs between any two runs
+
+
+def command(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "trainer.train", "--run_dir", str(run_dir),
+            "--trainer.num_train_steps", str(STEPS), "--trainer.log_every", "1", "--trainer.eval_every", "20",
+            "--trainer.eval_batches", "2", "--trainer.global_batch", "8", "--trainer.progress", "false",
+            "--model.hidden_dim", "32", "--model.num_layers", "2", "--model.num_heads", "4", "--model.seq_len", "32",
+            "--optimizer.update_interval", "4", "--optimizer.warmup", "4",
+            "--checkpoint.every_steps", "5", "--checkpoint.every_minutes", "null",
+            "--data.embedded_dir", str(corpus), "--data.embedded_max_bytes", "300000",
+            "--data.embedded_vocab_size", "384", *extra]
+
+
+def env() -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out.update(JAX_PLATFORMS="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    return out
+
+
+def run(run_dir: Path, corpus: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command(run_dir, corpus, *extra), env=env(), capture_output=True, text=True, timeout=600)
+
+
+def records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
+
+
+def final_state(run_dir: Path):
+    checkpointer = Checkpointer(run_dir / "checkpoints", CheckpointConfig(async_save=False))
+    state, extras = checkpointer.restore(STEPS, None)
+    checkpointer.close()
+    return state, extras
+
+
+def assert_identical(run_dir: Path, reference: Path) -> None:
+    assert records(run_dir) == records(reference)  # every step once, same values
+    (state, extras), (ref_state, ref_extras) = final_state(run_dir), final_state(reference)
+    assert extras["loader"] == ref_extras["loader"] == {"step": STEPS, "seed": 0, "global_batch": 8, "seq_len": 32}
+    paths = jax.tree_util.tree_flatten_with_path(ref_state)[0]
+    assert any("h" in jax.tree_util.keystr(p) for p, _ in paths)  # m, h, count and key are in there
+    for (path, ref), leaf in zip(paths, jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref), err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("corpus")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, corpus) -> Path:
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    result = run(run_dir, corpus)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in records(run_dir)] == list(range(1, STEPS + 1))
+    resolved = (run_dir / "config.yaml").read_text()
+    assert "vocab_size: 384" in resolved and "hidden_dim: 32" in resolved  # the resolved config
+    return run_dir
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 300, poll: float = 0.002) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert process.poll() is None, "the run ended before the kill point"
+        assert time.monotonic() < deadline, "kill point not reached"
+        time.sleep(poll)
+
+
+def last_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = [line for line in path.read_text().splitlines() if line.endswith("}")]
+    return json.loads(lines[-1])["step"] if lines else 0
+
+
+def saved(run_dir: Path, step: int) -> bool:
+    return (run_dir / "checkpoints" / str(step) / "extras").is_dir()
+
+
+def saving(run_dir: Path) -> bool:
+    directory = run_dir / "checkpoints"
+    return directory.is_dir() and any("tmp" in p.name for p in directory.iterdir())
+
+
+def test_sigkill_at_step_boundaries_and_mid_save_then_resume_is_bit_exact(tmp_path, corpus, straight):
+    run_dir = tmp_path / "run"
+    kill_points = [lambda: last_step(run_dir) >= 7 and saved(run_dir, 5),
+                   lambda: last_step(run_dir) >= 18 and saved(run_dir, 15),
+                   lambda: last_step(run_dir) >= 21 and saving(run_dir)]
+    for i, point in enumerate(kill_points):
+        process = subprocess.Popen(command(run_dir, corpus), env=env(), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        wait_for(point, process)
+        process.send_signal(signal.SIGKILL)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == -signal.SIGKILL
+        if i:
+            assert "resuming from" in stderr, stderr[-2000:]
+        if i == 2:  # killed mid-save: the unfinished step directory is there, and not a checkpoint
+            assert saving(run_dir)
+    result = run(run_dir, corpus)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr
+    assert_identical(run_dir, straight)
+
+
+def test_sigterm_saves_and_exits_0_then_resume_is_bit_exact(tmp_path, corpus, straight):
+    run_dir = tmp_path / "run"
+    for stop_at in (9, 23):
+        process = subprocess.Popen(command(run_dir, corpus), env=env(), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        wait_for(lambda: last_step(run_dir) >= stop_at, process)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 0, stderr[-3000:]
+        saved = Checkpointer(run_dir / "checkpoints").steps()[-1]
+        assert f"SIGTERM received: saved step {saved}" in stderr
+        assert saved >= stop_at  # the step it stopped at (or a policy save just after)
+        assert last_step(run_dir) <= saved
+    result = run(run_dir, corpus)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_identical(run_dir, straight)
+
+
+def test_damaged_latest_checkpoint_is_skipped_and_a_changed_shape_refused(tmp_path, corpus, straight):
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight, run_dir)
+    assert Checkpointer(run_dir / "checkpoints").steps() == [35, 40]  # keep: the last 2
+    for path in (run_dir / "checkpoints" / "40" / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 1000:
+            path.write_bytes(b"\0" * 7)  # torn array data
+    result = run(run_dir, corpus)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "could not be restored" in result.stderr and "resuming from" in result.stderr
+    assert "checkpoints/35" in result.stderr
+    assert (run_dir / "checkpoints" / "40.unrestorable").is_dir()  # set aside, then step 40 saved anew
+    assert_identical(run_dir, straight)
+
+    result = run(run_dir, corpus, "--model.hidden_dim", "64")
+    assert result.returncode == 2
+    assert "model.hidden_dim: checkpoint has 32, this run has 64" in result.stderr
+
+
+def test_resume_from_names_a_step_directory(tmp_path, corpus, straight):
+    result = run(tmp_path / "fork", corpus, "--resume_from", str(straight / "checkpoints" / "35"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stderr
+    state, _ = final_state(tmp_path / "fork")
+    ref_state, _ = final_state(straight)
+    for leaf, ref in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref))
+    assert [r["step"] for r in records(tmp_path / "fork")] == list(range(36, STEPS + 1))
+
+
+def test_wandb_offline_resumes_the_same_run_id(tmp_path):
+    config = {"optimizer": {"type": "sophia_g"}}
+    first = MetricsWriter(tmp_path, config=config, total_steps=4, wandb_mode="offline", progress=False)
+    first.log(1, {"train/loss": 3.0})
+    run_id = first._wandb.id
+    first.close()
+    second = MetricsWriter(tmp_path, config=config, total_steps=4, start_step=1, wandb_mode="offline",
+                           progress=False)
+    second.log(2, {"train/loss": 2.5})
+    assert second._wandb.id == run_id
+    second.close()
+    runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 2  # one directory per session, one run id
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
