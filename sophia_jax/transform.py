@@ -300,14 +300,14 @@ def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
     """
     state = _find_sophia_state(opt_state)
     hp = state.hparams
-    wins = jnp.zeros([], jnp.float32)
-    total = 0
-    for m, h in zip(jax.tree.leaves(state.mu), jax.tree.leaves(state.h)):
+    leaves = list(zip(jax.tree.leaves(state.mu), jax.tree.leaves(state.h)))
+    total = max(sum(m.size for m, _ in leaves), 1)
+    win_rate = jnp.zeros([], jnp.float32)
+    for m, h in leaves:  # per-leaf means, weighted: no integer count (models pass 2**31 coordinates)
         bound = hp["clip_threshold"] * (jnp.maximum(hp["rho"] * h.astype(jnp.float32), 0) + hp["eps"])
-        wins += jnp.sum(jnp.abs(m.astype(jnp.float32)) < bound, dtype=jnp.float32)
-        total += m.size
+        win_rate += jnp.mean(jnp.abs(m.astype(jnp.float32)) < bound, dtype=jnp.float32) * (m.size / total)
     return {
-        "win_rate": wins / max(total, 1),
+        "win_rate": win_rate,
         "hessian_norm": optax.tree.norm(state.h),
         "momentum_norm": optax.tree.norm(state.mu),
         "hessian_updates": state.hessian_updates,

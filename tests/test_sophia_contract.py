@@ -252,6 +252,14 @@ def test_metrics_match_a_numpy_count():
         np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in m.values())), rel=1e-5)
 
 
+def test_metrics_trace_for_more_than_2_to_the_31_coordinates():
+    # A 6.6B model has more coordinates than an int32 holds; trace only (nothing is allocated).
+    params = {"a": jax.ShapeDtypeStruct((2**31,), jnp.float32), "b": jax.ShapeDtypeStruct((2**30,), jnp.float32)}
+    state = jax.eval_shape(sophia_jax.scale_by_sophia().init, params)
+    out = jax.eval_shape(sophia_jax.metrics, state)
+    assert out["win_rate"].shape == () and out["win_rate"].dtype == jnp.float32
+
+
 def test_hessian_fn_without_params_is_a_clear_error():
     opt = sophia_jax.sophia_g(1e-3, hessian_fn=lambda p, key: p)
     state = opt.init({"w": jnp.ones(2)})
