@@ -178,9 +178,12 @@ def test_resume_from_names_a_step_directory(tmp_path, corpus, straight):
 
 def test_wandb_offline_resumes_the_same_run_id(tmp_path):
     config = {"optimizer": {"type": "sophia_g"}}
-    first = MetricsWriter(tmp_path, config=config, total_steps=4, wandb_mode="offline", progress=False)
+    first = MetricsWriter(tmp_path, config=config, total_steps=4, wandb_mode="offline", name="tiny-a",
+                          tags=["sophia", "tiny"], progress=False)
     first.log(1, {"train/loss": 3.0})
     run_id = first._wandb.id
+    assert first._wandb.name == "tiny-a" and set(first._wandb.tags) == {"sophia", "tiny"}
+    assert first._wandb.config["optimizer"] == {"type": "sophia_g"}  # the run config, logged once at init
     first.close()
     second = MetricsWriter(tmp_path, config=config, total_steps=4, start_step=1, wandb_mode="offline",
                            progress=False)

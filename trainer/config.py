@@ -97,6 +97,10 @@ class TrainerConfig:
     """Weights & Biases: 'disabled', 'offline' (writes <run_dir>/wandb, no network) or 'online'."""
     wandb_project: str = "sophia-jax"
     """wandb project name."""
+    wandb_name: str | None = None
+    """wandb run name; None = the run directory's name."""
+    wandb_tags: str = ""
+    """wandb tags, comma-separated (e.g. "sophia,1.5b")."""
     progress: bool = True
     """Show a progress bar with the latest loss."""
 

@@ -59,7 +59,7 @@ class MetricsWriter:
 
     def __init__(self, run_dir: str | Path, *, config: dict[str, Any], total_steps: int, start_step: int = 0,
                  wandb_mode: str = "disabled", wandb_project: str = "sophia-jax", name: str | None = None,
-                 progress: bool = True):
+                 tags: list[str] | None = None, progress: bool = True):
         self.enabled = jax.process_index() == 0
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = open(self.path, "a") if self.enabled else None
@@ -77,7 +77,7 @@ class MetricsWriter:
             run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             id_file.write_text(run_id)
             self._wandb = wandb.init(project=wandb_project, name=name, dir=str(run_dir), config=config,
-                                     mode=wandb_mode, id=run_id, resume="allow")
+                                     mode=wandb_mode, id=run_id, resume="allow", tags=tags or None)
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:

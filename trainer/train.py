@@ -363,7 +363,8 @@ def run_loop(run: Run) -> dict[str, Any]:
     tc, run_dir = config.trainer, Path(config.run_dir)
     writer = MetricsWriter(run_dir, config=to_dict(config), total_steps=tc.num_train_steps,
                            start_step=run.start_step, wandb_mode=tc.wandb, wandb_project=tc.wandb_project,
-                           name=run_dir.name, progress=tc.progress)
+                           name=tc.wandb_name or run_dir.name, tags=[t for t in tc.wandb_tags.split(",") if t],
+                           progress=tc.progress)
     k = trainer.k
     hessian_batch = run.hessian_loader.batch(0) if trainer.cond_mode else None
     record: dict[str, Any] = {}
