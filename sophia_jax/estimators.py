@@ -44,7 +44,11 @@ def _split_logits_and_mask(output: Any) -> tuple[jax.Array, jax.Array]:
 
 
 def gauss_newton_bartlett(
-    logits_fn: Callable[..., Any], *, max_grad_norm: float | None = None
+    logits_fn: Callable[..., Any],
+    *,
+    max_grad_norm: float | None = None,
+    microbatches: int = 1,
+    constrain_grads: Callable[[Any], Any] | None = None,
 ) -> HessianFn:
     """The Gauss-Newton-Bartlett estimator of Sophia-G.
 
@@ -61,29 +65,72 @@ def gauss_newton_bartlett(
         Under jit with sharded inputs, N and the mean are over the whole global batch.
       max_grad_norm: clip `g_s` to this global norm before squaring (the official loop clips at 1.0,
         like the training gradient); None leaves it unclipped.
+      microbatches: M > 1 bounds the activation memory: every array in `extra_args` is split along its
+        leading (batch) axis into M microbatches (microbatch i takes rows i, i+M, i+2M, ..., so each one
+        spans every data shard), the sums of their sampled-label losses are differentiated one at a time
+        under `lax.scan`, and `g_s` is their sum over the total N: the same estimator, with microbatch i's
+        labels sampled with `fold_in(key, i)`. Leading axes must be divisible by M.
+      constrain_grads: applied to the gradient accumulator at each microbatch, e.g. a
+        `with_sharding_constraint` to the parameters' shardings, so that an FSDP-sharded model does not
+        get a replicated accumulator.
 
     Returns:
       `hessian_fn(params, key, **extra_args) -> h_hat`, a pytree like params.
     """
+    if microbatches < 1:
+        raise ValueError(f"microbatches={microbatches} must be >= 1")
     clip = None if max_grad_norm is None else optax.clip_by_global_norm(max_grad_norm)
+    constrain = constrain_grads or (lambda g: g)
+
+    def sampled_label_loss_sum(p: optax.Params, key: jax.Array, args: dict) -> tuple[jax.Array, jax.Array]:
+        logits, mask = _split_logits_and_mask(call_with_accepted_kwargs(logits_fn, p, **args))
+        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        labels = jax.random.categorical(key, jax.lax.stop_gradient(logits))
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        return jnp.sum(losses * mask), jnp.sum(mask)
+
+    grad_fn = jax.grad(sampled_label_loss_sum, has_aux=True)
 
     def hessian_fn(params: optax.Params, key: jax.Array | None = None, **extra_args: Any) -> optax.Updates:
         key = _require_key(key)
+        if microbatches == 1:
+            g, n = grad_fn(params, key, extra_args)
+        else:
+            split, fixed = _split_microbatches(extra_args, microbatches)
 
-        def sampled_label_loss(p: optax.Params) -> tuple[jax.Array, jax.Array]:
-            logits, mask = _split_logits_and_mask(call_with_accepted_kwargs(logits_fn, p, **extra_args))
-            logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-            labels = jax.random.categorical(key, jax.lax.stop_gradient(logits))
-            losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            n = jnp.sum(mask)
-            return jnp.sum(losses * mask) / jnp.maximum(n, 1), n
+            def body(carry, xs):
+                g_acc, n_acc = carry
+                i, args = xs
+                g, n = grad_fn(params, jax.random.fold_in(key, i), {**fixed, **args})
+                return (constrain(jax.tree.map(jnp.add, g_acc, g)), n_acc + n), None
 
-        g, n = jax.grad(sampled_label_loss, has_aux=True)(params)
+            zeros = constrain(jax.tree.map(jnp.zeros_like, params))
+            (g, n), _ = jax.lax.scan(body, (zeros, jnp.zeros([], jnp.float32)),
+                                     (jnp.arange(microbatches), split))
+        g = jax.tree.map(lambda x: x / jnp.maximum(n, 1).astype(x.dtype), g)
         if clip is not None:
             g, _ = clip.update(g, clip.init(g))
         return jax.tree.map(lambda x: (n * x * x).astype(x.dtype), g)
 
     return hessian_fn
+
+
+def _split_microbatches(extra_args: dict[str, Any], m: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Array arguments reshaped to [m, rows/m, ...] (microbatch i = rows i, i+m, ...); the rest as is."""
+    split, fixed = {}, {}
+    for name, value in extra_args.items():
+        if not hasattr(value, "shape") or jnp.ndim(value) == 0:
+            fixed[name] = value
+            continue
+        rows = value.shape[0]
+        if rows % m:
+            raise ValueError(f"gauss_newton_bartlett(microbatches={m}): argument {name!r} has {rows} rows, "
+                             f"not divisible by {m}; use a batch that is a multiple of the microbatch count")
+        split[name] = value.reshape(rows // m, m, *value.shape[1:]).swapaxes(0, 1)
+    if not split:
+        raise ValueError(f"gauss_newton_bartlett(microbatches={m}) found no array argument to split; pass the "
+                         "batch as a keyword argument (e.g. hessian_fn(params, key, tokens=batch))")
+    return split, fixed
 
 
 def hutchinson(

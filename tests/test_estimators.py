@@ -81,6 +81,36 @@ def test_gnb_clips_the_sampled_gradient_to_max_grad_norm():
         np.testing.assert_allclose(clipped[name], scale * free[name], rtol=1e-4, atol=1e-12)
 
 
+def test_gnb_microbatches_restate_the_whole_batch_estimate():
+    # Independent restatement: sample microbatch i's labels (rows i, i+M, ...) with fold_in(key, i), then
+    # take N * g**2 of the masked mean cross-entropy over the whole batch in float64 NumPy.
+    x, params, mask = _softmax_regression(seed=4)
+    M, key = 3, jax.random.PRNGKey(7)
+
+    def logits_fn(params, x, mask):
+        return x @ params["w"] + params["b"], mask
+
+    got = sophia_jax.gauss_newton_bartlett(logits_fn, microbatches=M)(params, key, x=jnp.asarray(x), mask=mask)
+    logits = x.astype(np.float64) @ params["w"] + params["b"]
+    labels = np.zeros(N, np.int64)
+    for i in range(M):
+        rows = np.arange(i, N, M)
+        labels[rows] = np.asarray(jax.random.categorical(jax.random.fold_in(key, i), logits[rows].astype(np.float32)))
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    n = mask.sum()
+    dlogits = (p - np.eye(V)[labels]) * mask[:, None] / n  # d(mean CE)/d(logits)
+    g = {"w": x.astype(np.float64).T @ dlogits, "b": dlogits.sum(0)}
+    for name in g:
+        np.testing.assert_allclose(got[name], n * g[name] ** 2, rtol=2e-4, atol=1e-9)
+    # It is an estimate of the same curvature: unbiased, like the whole-batch one.
+    mean, sem = _sample_mean_and_sem(sophia_jax.gauss_newton_bartlett(logits_fn, microbatches=M), params,
+                                     x=x, mask=mask)
+    _assert_unbiased(mean, sem, _exact_gauss_newton_diag(x, params, mask))
+    with pytest.raises(ValueError, match="not divisible by 5"):
+        sophia_jax.gauss_newton_bartlett(logits_fn, microbatches=5)(params, key, x=x, mask=mask)
+
+
 def test_gnb_rejects_a_mask_of_the_wrong_shape():
     hessian_fn = sophia_jax.gauss_newton_bartlett(lambda p: (jnp.zeros((4, 3)), jnp.ones(3)))
     with pytest.raises(ValueError, match="leading shape"):
