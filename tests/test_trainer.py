@@ -86,6 +86,22 @@ def reference():
     return run_steps(trainer_on(CONFIG, (1, 1, 1)), 4)
 
 
+def test_microbatched_hessian_step_sharded_equals_one_device():
+    """optimizer.hessian_microbatches=2: the scanned GNB estimate on a (2,2,2) mesh, with its FSDP-sharded
+    accumulator, folds the same h into the state as on one device."""
+    config = dataclasses.replace(CONFIG, optimizer=dataclasses.replace(OPT, hessian_microbatches=2))
+    hs = []
+    for mesh in [(1, 1, 1), (2, 2, 2)]:
+        trainer = trainer_on(config, mesh)
+        batch = jax.device_put(batches(1, batch=trainer.hessian_batch, seed=5)[0], trainer.batch_sharding)
+        state, metrics = trainer.hessian_step(trainer.init_state(), batch)
+        assert int(metrics["optim/hessian_updates"]) == 1
+        hs.append(without_key_bias(sophia_state(state.opt_state).h)[0])
+    for a, b in zip(leaves(hs[1]), leaves(hs[0])):
+        assert np.any(a != 0)
+        np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-4)
+
+
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
 def test_sharded_steps_equal_one_device(reference, mesh):
     """Same losses, params, m and h as one device after 4 steps incl. 2 Hessian steps (k = 2)."""

@@ -60,6 +60,8 @@ class OptimizerConfig:
     """Sophia's k: the Hessian estimate is refreshed after steps k, 2k, ..."""
     hessian_batch_fraction: float = 0.25
     """Sequences in a Hessian batch, as a fraction of trainer.global_batch (a separate, fresh stream)."""
+    hessian_microbatches: int = 1
+    """The Hessian batch is processed in this many microbatches (lax.scan), to bound activation memory."""
     hessian_mode: str = "separate"
     """'separate': its own compiled hessian_step after steps k, 2k, ... (the official order);
     'cond': inside train_step under lax.cond (one program; the estimate sees the pre-update params)."""
@@ -71,6 +73,8 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.hessian_mode={self.hessian_mode!r}; use 'separate' or 'cond'")
         if self.update_interval < 1:
             raise ValueError(f"optimizer.update_interval={self.update_interval}; use k >= 1")
+        if self.hessian_microbatches < 1:
+            raise ValueError(f"optimizer.hessian_microbatches={self.hessian_microbatches}; use a value >= 1")
         if not 0 < self.hessian_batch_fraction <= 1:
             raise ValueError(f"optimizer.hessian_batch_fraction={self.hessian_batch_fraction}; use a value in (0, 1]")
 

@@ -89,7 +89,9 @@ class Trainer:
         self.hessian_batch = max(1, round(tc.global_batch * opt.hessian_batch_fraction))
         self._check_batches(sharding.data_parallel_size(mesh))
 
-        gnb = sophia_jax.gauss_newton_bartlett(logits_fn, max_grad_norm=opt.max_grad_norm)
+        gnb = sophia_jax.gauss_newton_bartlett(
+            logits_fn, max_grad_norm=opt.max_grad_norm, microbatches=opt.hessian_microbatches,
+            constrain_grads=lambda g: hax.shard(g, sharding.param_mapping()))  # an FSDP-sharded accumulator
         self.estimator = gnb
         abstract_params = jax.eval_shape(lambda k: GPTNeoX.init(self.model_config, key=k), jax.random.PRNGKey(0))
         self.optimizer = build_optimizer(opt, tc.num_train_steps, abstract_params, seed=config.seed,
@@ -116,10 +118,12 @@ class Trainer:
             raise ValueError(f"a microbatch of {micro} sequences (trainer.global_batch={tc.global_batch} / "
                              f"trainer.microbatches={tc.microbatches}) is not divisible by the {dp} data-parallel "
                              f"devices (mesh data*fsdp); use a global_batch that is a multiple of {dp * tc.microbatches}")
-        if self.sophia and self.hessian_batch % dp:
+        hm = self.config.optimizer.hessian_microbatches
+        if self.sophia and self.hessian_batch % (dp * hm):
             raise ValueError(f"the Hessian batch of {self.hessian_batch} sequences (optimizer.hessian_batch_fraction="
                              f"{self.config.optimizer.hessian_batch_fraction} of {tc.global_batch}) is not divisible "
-                             f"by the {dp} data-parallel devices; change the fraction or the batch")
+                             f"by the {dp} data-parallel devices x optimizer.hessian_microbatches={hm}; change the "
+                             "fraction, the batch or the microbatch count")
 
     @contextlib.contextmanager
     def _context(self):
