@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 from jax.experimental import mesh_utils, topologies
 from jax.sharding import AxisType, Mesh
 
@@ -62,18 +61,9 @@ def topology_mesh(config: TrainConfig, topology: str) -> Mesh:
 
 def compile_step(trainer: Trainer, step: str) -> Fit:
     """Lowers and compiles `step` ("train" or "hessian") for the trainer's mesh; never runs it."""
-    rows = trainer.config.trainer.global_batch if step == "train" else trainer.hessian_batch
-    batch = jax.ShapeDtypeStruct((rows, trainer.config.model.seq_len + 1), np.int32,
-                                 sharding=trainer.batch_sharding)
-    args = [trainer.abstract_state(), batch]  # outside the mesh context: it makes a concrete key, on the host
-    if step == "train" and trainer.cond_mode:  # hessian_mode cond: the estimator's batch goes in too
-        args.append(jax.ShapeDtypeStruct((trainer.hessian_batch, trainer.config.model.seq_len + 1), np.int32,
-                                         sharding=trainer.batch_sharding))
-    jitted = trainer._train_jit if step == "train" else trainer._hessian_jit
     start = time.perf_counter()
     try:
-        with trainer._context():
-            compiled = jitted.lower(*args).compile()
+        compiled = trainer.lower(step).compile()
     except jax.errors.JaxRuntimeError as error:
         if "RESOURCE_EXHAUSTED" not in str(error):
             raise

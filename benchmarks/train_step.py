@@ -41,21 +41,7 @@ def build(config, optimizer: str, mode: str = "separate") -> Trainer:
 def memory(trainer: Trainer, which: str) -> dict[str, float]:
     """GiB per device of one compiled program: arguments, temporaries, and arguments + temporaries +
     outputs not aliased to (donated) arguments, an upper bound on what is live at once."""
-    c = trainer.config
-    rows = c.trainer.global_batch if which == "train" else trainer.hessian_batch
-    batch = jax.ShapeDtypeStruct((rows, c.model.seq_len + 1), np.int32, sharding=trainer.batch_sharding)
-    state = trainer.abstract_state()
-    with trainer._context():
-        if which == "hessian":
-            lowered = trainer._hessian_jit.lower(state, batch)
-        elif trainer.cond_mode:
-            hessian = jax.ShapeDtypeStruct((trainer.hessian_batch, c.model.seq_len + 1), np.int32,
-                                           sharding=trainer.batch_sharding)
-            lowered = trainer._train_jit.lower(state, batch, hessian)
-        else:
-            lowered = trainer._train_jit.lower(state, batch)
-        analysis = lowered.compile().memory_analysis()
-    a = analysis
+    a = trainer.lower(which).compile().memory_analysis()
     # The CPU backend's peak_memory_in_bytes counts arguments only; this bound is what every backend reports.
     live = a.argument_size_in_bytes + a.temp_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes
     return {"args": a.argument_size_in_bytes / GIB, "temp": a.temp_size_in_bytes / GIB, "live": live / GIB}

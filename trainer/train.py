@@ -217,6 +217,24 @@ class Trainer:
 
         return jax.tree.map(attach, self.state_shardings, shapes)
 
+    def lower(self, which: str = "train") -> jax.stages.Lowered:
+        """`which` ("train", "hessian" or "eval") lowered from shapes alone, nothing allocated: for
+        `.compile().memory_analysis()` here or for a topology with no devices attached (benchmarks)."""
+        c = self.config
+
+        def tokens(rows: int) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct((rows, c.model.seq_len + 1), jnp.int32, sharding=self.batch_sharding)
+
+        state = self.abstract_state()  # outside the mesh context: it makes a concrete key, on the host
+        args = {"train": (state, tokens(c.trainer.global_batch)),
+                "hessian": (state, tokens(self.hessian_batch)),
+                "eval": (state.params, tokens(c.trainer.global_batch))}[which]
+        if which == "train" and self.cond_mode:  # the estimator's batch goes into the train step too
+            args = (*args, tokens(self.hessian_batch))
+        jitted = {"train": self._train_jit, "hessian": self._hessian_jit, "eval": self._eval_jit}[which]
+        with self._context():
+            return jitted.lower(*args)
+
     def init_state(self, seed: int | None = None) -> TrainState:
         with self._context():
             return self._init_jit(jax.random.PRNGKey(self.config.seed if seed is None else seed))
