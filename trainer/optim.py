@@ -9,7 +9,6 @@ XLA copy the whole optimizer state through the conditional on every step).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -36,18 +35,12 @@ def lr_schedule(config: OptimizerConfig, num_train_steps: int) -> optax.Schedule
 
     Step t (0-based) of the warmup uses lr * (t+1)/warmup, so the first step is not wasted at lr 0.
     """
-    peak, floor = config.learning_rate, config.learning_rate * config.min_lr_ratio
-    warmup = warmup_steps(config, num_train_steps)
-    decay = max(num_train_steps - warmup, 1)
-
-    def schedule(count: jax.Array) -> jax.Array:
-        t = jnp.asarray(count, jnp.float32)
-        warm = peak * jnp.minimum((t + 1) / max(warmup, 1), 1.0)
-        progress = jnp.clip((t - warmup) / decay, 0.0, 1.0)
-        cosine = floor + 0.5 * (peak - floor) * (1 + jnp.cos(math.pi * progress))
-        return jnp.where(t < warmup, warm, cosine)
-
-    return schedule
+    peak, w = config.learning_rate, warmup_steps(config, num_train_steps)
+    cosine = optax.cosine_decay_schedule(peak, max(num_train_steps - w, 1), alpha=config.min_lr_ratio)
+    if w == 0:
+        return cosine
+    warm = optax.linear_schedule(peak / w, peak, w - 1) if w > 1 else optax.constant_schedule(peak)
+    return optax.join_schedules([warm, cosine], [w])
 
 
 def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:

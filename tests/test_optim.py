@@ -1,0 +1,41 @@
+"""The run's learning-rate schedule against a NumPy restatement of its definition, and its decay mask."""
+
+import jax
+import numpy as np
+import pytest
+
+from trainer.config import OptimizerConfig
+from trainer.model import GPTNeoX, ModelConfig
+from trainer.optim import lr_schedule, weight_decay_mask
+
+
+def expected_lr(t: np.ndarray, peak: float, floor_ratio: float, warmup: int, total: int) -> np.ndarray:
+    """lr * (t+1)/warmup for t < warmup, then cosine from lr to floor_ratio * lr over the remaining steps."""
+    floor = peak * floor_ratio
+    progress = np.clip((t - warmup) / max(total - warmup, 1), 0, 1)
+    cosine = floor + 0.5 * (peak - floor) * (1 + np.cos(np.pi * progress))
+    return np.where(t < warmup, peak * (t + 1) / max(warmup, 1), cosine)
+
+
+@pytest.mark.parametrize("warmup, total, warmup_steps", [(0, 50, 0), (1, 50, 1), (10, 50, 10), (0.1, 200, 20)])
+def test_warmup_then_cosine_to_min_lr_ratio(warmup, total, warmup_steps):
+    config = OptimizerConfig(learning_rate=6e-4, min_lr_ratio=0.05, warmup=warmup)
+    schedule = lr_schedule(config, total)
+    t = np.arange(total + 5)  # past the end it stays at the floor
+    got = np.array([float(schedule(i)) for i in t])
+    np.testing.assert_allclose(got, expected_lr(t, 6e-4, 0.05, warmup_steps, total), rtol=1e-5, atol=1e-12)
+    assert got[0] > 0 and got[-1] == pytest.approx(0.05 * 6e-4, rel=1e-5)
+
+
+@pytest.mark.parametrize("decay_embeddings", [False, True])
+def test_weight_decay_mask_spares_norms_biases_and_embeddings(decay_embeddings):
+    model = GPTNeoX.init(ModelConfig(vocab_size=64, seq_len=8, hidden_dim=16, num_layers=2, num_heads=2),
+                         key=jax.random.PRNGKey(0))
+    mask = weight_decay_mask(model, decay_embeddings)
+    flags = {jax.tree_util.keystr(path): flag for path, flag in jax.tree_util.tree_leaves_with_path(mask)}
+    assert len(flags) == len(jax.tree.leaves(model))
+    for path, flag in flags.items():
+        spared = "bias" in path or any(n in path for n in (".ln1", ".ln2", ".ln_f")) or (
+            ".embed" in path and not decay_embeddings)
+        assert flag == (not spared), path
+    assert sum(flags.values()) >= 5  # qkv, out, mlp in/out weights and the head decay
