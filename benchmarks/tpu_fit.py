@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 
 import jax
-from jax.experimental import mesh_utils, topologies
-from jax.sharding import AxisType, Mesh
+from jax.experimental import topologies
+from jax.sharding import Mesh
 
 from trainer.config import TrainConfig, load_config
 from trainer.model import num_params
-from trainer.sharding import MESH_AXES
+from trainer.sharding import MESH_AXES, make_mesh
 from trainer.train import Trainer
 
 GIB = 2**30
@@ -53,10 +53,7 @@ class Fit:
 
 def topology_mesh(config: TrainConfig, topology: str) -> Mesh:
     """The trainer's ("data", "fsdp", "model") mesh over the compile-only devices of `topology`."""
-    devices = topologies.get_topology_desc(topology, "tpu").devices
-    sizes = config.mesh.sizes(len(devices))
-    grid = mesh_utils.create_device_mesh(sizes, devices)  # ICI-aware order, as jax.make_mesh on the pod
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return make_mesh(config.mesh, topologies.get_topology_desc(topology, "tpu").devices)
 
 
 def compile_step(trainer: Trainer, step: str) -> Fit:

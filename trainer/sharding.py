@@ -19,7 +19,6 @@ import os
 
 import haliax as hax
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = [
@@ -96,10 +95,8 @@ def maybe_initialize_distributed(config: MeshConfig) -> None:
 def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:
     """A ("data", "fsdp", "model") mesh over `devices` (default: all), sizes checked against the count."""
     devices = jax.devices() if devices is None else list(devices)
-    sizes = config.sizes(len(devices))
-    if devices == jax.devices():  # topology-aware device order (hosts hold contiguous blocks)
-        return jax.make_mesh(sizes, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    # jax.make_mesh orders the devices by the physical topology (hosts hold contiguous blocks).
+    return jax.make_mesh(config.sizes(len(devices)), MESH_AXES, (AxisType.Auto,) * 3, devices=devices)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
