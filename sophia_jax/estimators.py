@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sophia_jax.transform import HessianFn, call_with_accepted_kwargs
+from sophia_jax.microbatches import accumulate
+from sophia_jax.transform import HessianFn
 
 __all__ = ["gauss_newton_bartlett", "hutchinson"]
 
@@ -61,13 +62,13 @@ def gauss_newton_bartlett(
     Args:
       logits_fn: `logits_fn(params, **extra_args)` returning logits `[..., V]`, or a pair
         `(logits, mask)` where `mask` (same leading shape, 0/1) marks the positions that count,
-        e.g. `(logits, tokens != pad_id)`. Extra keyword arguments it does not accept are dropped.
-        Under jit with sharded inputs, N and the mean are over the whole global batch.
+        e.g. `(logits, tokens != pad_id)`. It receives every extra keyword argument of the estimator
+        call (so of `update`): name them all, or take `**_` for those meant for others. Under jit with sharded inputs, N and the mean are over the whole global batch.
       max_grad_norm: clip `g_s` to this global norm before squaring (the official loop clips at 1.0,
         like the training gradient); None leaves it unclipped.
       microbatches: M > 1 bounds the activation memory: every array in `extra_args` is split along its
-        leading (batch) axis into M microbatches (microbatch i takes rows i, i+M, i+2M, ..., so each one
-        spans every data shard), the sums of their sampled-label losses are differentiated one at a time
+        leading (batch) axis into M microbatches (`sophia_jax.microbatches.accumulate`: microbatch i
+        takes rows i, i+M, i+2M, ..., so each one spans every data shard), the sums of their sampled-label losses are differentiated one at a time
         under `lax.scan`, and `g_s` is their sum over the total N: the same estimator, with microbatch i's
         labels sampled with `fold_in(key, i)`. Leading axes must be divisible by M.
       constrain_grads: applied to the gradient accumulator at each microbatch, e.g. a
@@ -80,10 +81,9 @@ def gauss_newton_bartlett(
     if microbatches < 1:
         raise ValueError(f"microbatches={microbatches} must be >= 1")
     clip = None if max_grad_norm is None else optax.clip_by_global_norm(max_grad_norm)
-    constrain = constrain_grads or (lambda g: g)
 
     def sampled_label_loss_sum(p: optax.Params, key: jax.Array, args: dict) -> tuple[jax.Array, jax.Array]:
-        logits, mask = _split_logits_and_mask(call_with_accepted_kwargs(logits_fn, p, **args))
+        logits, mask = _split_logits_and_mask(logits_fn(p, **args))
         logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
         labels = jax.random.categorical(key, jax.lax.stop_gradient(logits))
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
@@ -93,44 +93,18 @@ def gauss_newton_bartlett(
 
     def hessian_fn(params: optax.Params, key: jax.Array | None = None, **extra_args: Any) -> optax.Updates:
         key = _require_key(key)
-        if microbatches == 1:
-            g, n = grad_fn(params, key, extra_args)
-        else:
-            split, fixed = _split_microbatches(extra_args, microbatches)
 
-            def body(carry, xs):
-                g_acc, n_acc = carry
-                i, args = xs
-                g, n = grad_fn(params, jax.random.fold_in(key, i), {**fixed, **args})
-                return (constrain(jax.tree.map(jnp.add, g_acc, g)), n_acc + n), None
+        def microbatch(i: jax.Array, args: dict) -> tuple[optax.Updates, jax.Array]:
+            return grad_fn(params, key if microbatches == 1 else jax.random.fold_in(key, i), args)
 
-            zeros = constrain(jax.tree.map(jnp.zeros_like, params))
-            (g, n), _ = jax.lax.scan(body, (zeros, jnp.zeros([], jnp.float32)),
-                                     (jnp.arange(microbatches), split))
+        constrain_sum = None if constrain_grads is None else lambda gn: (constrain_grads(gn[0]), gn[1])
+        g, n = accumulate(microbatch, extra_args, microbatches, constrain=constrain_sum)
         g = jax.tree.map(lambda x: x / jnp.maximum(n, 1).astype(x.dtype), g)
         if clip is not None:
             g, _ = clip.update(g, clip.init(g))
         return jax.tree.map(lambda x: (n * x * x).astype(x.dtype), g)
 
     return hessian_fn
-
-
-def _split_microbatches(extra_args: dict[str, Any], m: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Array arguments reshaped to [m, rows/m, ...] (microbatch i = rows i, i+m, ...); the rest as is."""
-    split, fixed = {}, {}
-    for name, value in extra_args.items():
-        if not hasattr(value, "shape") or jnp.ndim(value) == 0:
-            fixed[name] = value
-            continue
-        rows = value.shape[0]
-        if rows % m:
-            raise ValueError(f"gauss_newton_bartlett(microbatches={m}): argument {name!r} has {rows} rows, "
-                             f"not divisible by {m}; use a batch that is a multiple of the microbatch count")
-        split[name] = value.reshape(rows // m, m, *value.shape[1:]).swapaxes(0, 1)
-    if not split:
-        raise ValueError(f"gauss_newton_bartlett(microbatches={m}) found no array argument to split; pass the "
-                         "batch as a keyword argument (e.g. hessian_fn(params, key, tokens=batch))")
-    return split, fixed
 
 
 def hutchinson(
@@ -145,8 +119,8 @@ def hutchinson(
     forward-and-backward's worth of work).
 
     Args:
-      loss_fn: `loss_fn(params, **extra_args)` returning a scalar; extra keyword arguments it does
-        not accept are dropped.
+      loss_fn: `loss_fn(params, **extra_args)` returning a scalar; it receives every extra keyword
+        argument of the estimator call (take `**_` for those meant for others).
       distribution: "rademacher" (entries +-1) or "gaussian" (standard normal).
 
     Returns:
@@ -162,7 +136,7 @@ def hutchinson(
         key = _require_key(key)
 
         def loss(p: optax.Params) -> jax.Array:
-            return call_with_accepted_kwargs(loss_fn, p, **extra_args)
+            return loss_fn(p, **extra_args)
 
         u = optax.tree.random_like(key, params, sampler=sampler)
         _, hu = jax.jvp(jax.grad(loss), (params,), (u,))

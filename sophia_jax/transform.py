@@ -6,12 +6,12 @@ for the exact order of operations and how the Hessian scale convention maps onto
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import ArrayLike
 
 __all__ = [
     "HessianFn",
@@ -24,7 +24,12 @@ __all__ = [
 ]
 
 HessianFn = Callable[..., optax.Updates]
-"""`hessian_fn(params, key, **extra_args) -> h_hat`, one diagonal Hessian estimate shaped like params."""
+"""`hessian_fn(params, key, **extra_args) -> h_hat`, one diagonal Hessian estimate shaped like params.
+
+It receives every extra keyword argument of `update` (those `optax.chain` passes to all its members);
+one it does not name is a TypeError, never silently dropped: take `**_` to ignore arguments meant for
+other transformations of a chain.
+"""
 
 
 class SophiaState(NamedTuple):
@@ -36,24 +41,13 @@ class SophiaState(NamedTuple):
     key: jax.Array  # uint32 [2]: PRNG key; split once per estimator call.
     hessian_updates: jax.Array  # int32 []: estimates folded into h.
     hessian_skips: jax.Array  # int32 []: non-finite estimates rejected (h kept its value).
-    hparams: dict[str, jax.Array]  # float []: rho, b2, eps, clip_threshold of the latest update,
-    # kept so that `metrics` and `update_hessian` agree with the transformation (also under
-    # `optax.inject_hyperparams`).
+    b2: jax.Array  # float []: the b2 of the latest update (or of init), for `update_hessian`.
+    win_rates: tuple[jax.Array, ...]  # float32 [] per params leaf (in jax.tree.leaves order): the
+    # fraction of that leaf's coordinates the latest update did not clip, |m| < clip_threshold *
+    # (max(rho*h, 0) + eps) with the h that update used (0 before the first update).
 
 
-def call_with_accepted_kwargs(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Calls `fn(*args, **kwargs)`, dropping the keyword arguments `fn` does not accept."""
-    try:
-        parameters = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # builtins and some C callables have no signature
-        return fn(*args, **kwargs)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return fn(*args, **kwargs)
-    accepted = {p.name for p in parameters if p.kind is not inspect.Parameter.POSITIONAL_ONLY}
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in accepted})
-
-
-def _fold_estimate(state: SophiaState, h_hat: optax.Updates, b2: Any) -> SophiaState:
+def _fold_estimate(state: SophiaState, h_hat: optax.Updates, b2: ArrayLike) -> SophiaState:
     """h <- b2*h + (1-b2)*h_hat when h_hat is all finite; otherwise keep h and count the skip."""
     h_hat = optax.tree.cast_like(h_hat, state.h)
     finite = jnp.array(True)
@@ -69,11 +63,11 @@ def _fold_estimate(state: SophiaState, h_hat: optax.Updates, b2: Any) -> SophiaS
 
 
 def scale_by_sophia(
-    b1: float = 0.965,
-    b2: float = 0.99,
-    rho: float = 0.04,
-    eps: float = 1e-12,
-    clip_threshold: float | None = 1.0,
+    b1: ArrayLike = 0.965,
+    b2: ArrayLike = 0.99,
+    rho: ArrayLike = 0.04,
+    eps: ArrayLike = 1e-12,
+    clip_threshold: ArrayLike | None = 1.0,
     update_interval: int = 10,
     hessian_fn: HessianFn | None = None,
     seed: int = 0,
@@ -86,6 +80,7 @@ def scale_by_sophia(
     1. `m <- b1*m + (1-b1)*g` (no bias correction; m stored in `mu_dtype`);
     2. `u <- clip(m / (max(rho*h, 0) + eps), -clip_threshold, clip_threshold)`, with h from *before*
        this call's refresh (the `max` only matters for estimators that can go negative, e.g. Hutchinson);
+       the fraction of each leaf's coordinates left unclipped is kept in the state (`metrics`);
     3. `count <- count + 1`;
     4. if `hessian_fn` is set and `count % update_interval == 0`: split the key and
        `h <- b2*h + (1-b2)*hessian_fn(params, subkey, **extra_args)`. The estimator runs inside
@@ -111,7 +106,8 @@ def scale_by_sophia(
       clip_threshold: coordinates are clipped to [-clip_threshold, clip_threshold]; None disables clipping.
       update_interval: k, the estimator runs on calls k, 2k, 3k, ...
       hessian_fn: `hessian_fn(params, key, **extra_args)` returning one diagonal estimate shaped like
-        params; extra keyword arguments it does not accept are dropped.
+        params. It receives every extra keyword argument of `update`; one it does not name raises
+        TypeError (take `**_` to ignore those meant for other members of a chain).
       seed: seeds the estimator's PRNG key kept in the state.
       mu_dtype: dtype of m; None keeps params' dtype.
 
@@ -119,12 +115,8 @@ def scale_by_sophia(
       An `optax.GradientTransformationExtraArgs` whose state is a `SophiaState`.
     """
     mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-
-    def hparams() -> dict[str, jax.Array]:
-        threshold = jnp.inf if clip_threshold is None else clip_threshold
-        values = {"rho": rho, "b2": b2, "eps": eps, "clip_threshold": threshold}
-        dtype = jnp.result_type(float)  # float64 under jax_enable_x64, else float32; never weak-typed
-        return {name: jnp.asarray(value, dtype) for name, value in values.items()}
+    # float64 under jax_enable_x64, else float32; never weak-typed, so the state's types are fixed.
+    hparam_dtype = jnp.result_type(float)
 
     def init_fn(params: optax.Params) -> SophiaState:
         # A fresh buffer per counter, so that a donated state never donates one buffer twice.
@@ -135,25 +127,33 @@ def scale_by_sophia(
             key=jax.random.PRNGKey(seed),
             hessian_updates=jnp.zeros([], jnp.int32),
             hessian_skips=jnp.zeros([], jnp.int32),
-            hparams=hparams(),
+            b2=jnp.asarray(b2, hparam_dtype),
+            win_rates=tuple(jnp.zeros([], jnp.float32) for _ in jax.tree.leaves(params)),
         )
 
-    def precondition(g: jax.Array, m: jax.Array, h: jax.Array) -> jax.Array:
+    def precondition(g: jax.Array, m: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(the clipped, preconditioned update of one leaf, the fraction of it not clipped)."""
         # fp32 (or wider) arithmetic whatever the storage dtype; XLA fuses this into one pass.
         dtype = jnp.promote_types(g.dtype, jnp.float32)
-        denominator = jnp.maximum(rho * h.astype(dtype), 0) + eps
+        denominator = jnp.maximum(jnp.asarray(rho, dtype) * h.astype(dtype), 0) + jnp.asarray(eps, dtype)
         ratio = m.astype(dtype) / denominator
-        if clip_threshold is not None:
-            ratio = jnp.clip(ratio, -clip_threshold, clip_threshold)
-        return ratio.astype(g.dtype)
+        if clip_threshold is None:
+            return ratio.astype(g.dtype), jnp.ones([], jnp.float32)
+        threshold = jnp.asarray(clip_threshold, dtype)
+        unclipped = jnp.mean(jnp.abs(ratio) < threshold, dtype=jnp.float32)
+        return jnp.clip(ratio, -threshold, threshold).astype(g.dtype), unclipped
 
     def update_fn(
         updates: optax.Updates, state: SophiaState, params: optax.Params | None = None, **extra_args: Any
     ) -> tuple[optax.Updates, SophiaState]:
         mu = optax.tree.update_moment(updates, state.mu, b1, 1)
         mu = optax.tree.cast(mu, mu_dtype) if mu_dtype is not None else optax.tree.cast_like(mu, state.mu)
-        new_updates = jax.tree.map(precondition, updates, mu, state.h)
-        state = state._replace(count=optax.safe_int32_increment(state.count), mu=mu, hparams=hparams())
+        grads, treedef = jax.tree.flatten(updates)
+        leaves = [precondition(g, m, h) for g, m, h in
+                  zip(grads, treedef.flatten_up_to(mu), treedef.flatten_up_to(state.h))]
+        new_updates = treedef.unflatten([u for u, _ in leaves])
+        state = state._replace(count=optax.safe_int32_increment(state.count), mu=mu,
+                               b2=jnp.asarray(b2, hparam_dtype), win_rates=tuple(w for _, w in leaves))
         if hessian_fn is None:
             return new_updates, state
         if params is None:
@@ -163,7 +163,7 @@ def scale_by_sophia(
 
         def refresh(state: SophiaState) -> SophiaState:
             key, subkey = jax.random.split(state.key)
-            h_hat = call_with_accepted_kwargs(hessian_fn, params, subkey, **extra_args)
+            h_hat = hessian_fn(params, subkey, **extra_args)
             return _fold_estimate(state._replace(key=key), h_hat, b2)
 
         state = jax.lax.cond(state.count % update_interval == 0, refresh, lambda s: s, state)
@@ -174,12 +174,12 @@ def scale_by_sophia(
 
 def sophia_g(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.965,
-    b2: float = 0.99,
-    rho: float = 0.04,
-    weight_decay: float = 0.1,
-    eps: float = 1e-12,
-    clip_threshold: float | None = 1.0,
+    b1: ArrayLike = 0.965,
+    b2: ArrayLike = 0.99,
+    rho: ArrayLike = 0.04,
+    weight_decay: ArrayLike = 0.1,
+    eps: ArrayLike = 1e-12,
+    clip_threshold: ArrayLike | None = 1.0,
     update_interval: int = 10,
     hessian_fn: HessianFn | None = None,
     weight_decay_mask: Any | None = None,
@@ -209,7 +209,8 @@ def sophia_g(
 
     Under `optax.inject_hyperparams`, name the callables that are not schedules:
     `optax.inject_hyperparams(sophia_g, static_args=("hessian_fn",))(...)` (and "weight_decay_mask"
-    when it is a callable); rho, b1, b2 and the learning rate can then be changed between steps.
+    when it is a callable); rho, b1, b2, eps, weight decay and the learning rate can then be changed
+    between steps.
 
     Args:
       learning_rate: a float or an optax schedule of the step count.
@@ -226,7 +227,8 @@ def sophia_g(
       Pre-training, 2023, https://arxiv.org/abs/2305.14342
     """
     return optax.chain(
-        scale_by_sophia(b1, b2, rho, eps, clip_threshold, update_interval, hessian_fn, seed, mu_dtype),
+        scale_by_sophia(b1=b1, b2=b2, rho=rho, eps=eps, clip_threshold=clip_threshold,
+                        update_interval=update_interval, hessian_fn=hessian_fn, seed=seed, mu_dtype=mu_dtype),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -234,12 +236,12 @@ def sophia_g(
 
 def sophia_h(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.965,
-    b2: float = 0.99,
-    rho: float = 0.01,
-    weight_decay: float = 0.1,
-    eps: float = 1e-12,
-    clip_threshold: float | None = 1.0,
+    b1: ArrayLike = 0.965,
+    b2: ArrayLike = 0.99,
+    rho: ArrayLike = 0.01,
+    weight_decay: ArrayLike = 0.1,
+    eps: ArrayLike = 1e-12,
+    clip_threshold: ArrayLike | None = 1.0,
     update_interval: int = 10,
     hessian_fn: HessianFn | None = None,
     weight_decay_mask: Any | None = None,
@@ -253,8 +255,9 @@ def sophia_h(
     entries can be negative; that is harmless, as the denominator uses `max(rho*h, 0)`.
     """
     return sophia_g(
-        learning_rate, b1, b2, rho, weight_decay, eps, clip_threshold, update_interval, hessian_fn,
-        weight_decay_mask, mu_dtype, seed,
+        learning_rate, b1=b1, b2=b2, rho=rho, weight_decay=weight_decay, eps=eps, clip_threshold=clip_threshold,
+        update_interval=update_interval, hessian_fn=hessian_fn, weight_decay_mask=weight_decay_mask,
+        mu_dtype=mu_dtype, seed=seed,
     )
 
 
@@ -279,38 +282,54 @@ def update_hessian(opt_state: optax.OptState, h_hat: optax.Updates) -> optax.Opt
     with the b2 of the latest update (or of init); a non-finite `h_hat` is counted and not folded in.
     Neither the step count nor the PRNG key changes.
     """
-    sophia = _find_sophia_state(opt_state)  # also checks there is exactly one
-    del sophia
+    _find_sophia_state(opt_state)  # checks there is exactly one
 
     def fold(node: Any) -> Any:
-        return _fold_estimate(node, h_hat, node.hparams["b2"]) if _is_sophia_state(node) else node
+        return _fold_estimate(node, h_hat, node.b2) if _is_sophia_state(node) else node
 
     return jax.tree.map(fold, opt_state, is_leaf=_is_sophia_state)
 
 
-def metrics(opt_state: optax.OptState) -> dict[str, jax.Array]:
+def metrics(opt_state: optax.OptState, groups: Any | None = None) -> dict[str, jax.Array]:
     """Diagnostics of the SophiaState inside `opt_state`, as scalar arrays (jit-friendly).
 
+    Args:
+      opt_state: a state holding exactly one `SophiaState` (e.g. that of `sophia_g` in a chain).
+      groups: optionally, a pytree like params whose leaves name each parameter's group (e.g.
+        "attention", "mlp"); adds `win_rate/<group>` for every group.
+
     Returns:
-      win_rate: fraction of coordinates whose update was not clipped, |m| < clip_threshold *
-        (max(rho*h, 0) + eps) (the official script's "train/win_rate"; tune rho to keep it in 0.1-0.5);
+      win_rate: fraction of coordinates the latest update did not clip, |m| < clip_threshold *
+        (max(rho*h, 0) + eps) with the h that update used (the official script's "train/win_rate";
+        tune rho to keep it in 0.1-0.5); 0 before the first update;
       hessian_norm, momentum_norm: global L2 norms of h and m;
+      hessian_mean, hessian_max: mean and largest entry of h;
       hessian_updates, hessian_skips: estimates folded in / rejected as non-finite;
       count: update calls so far.
     """
     state = _find_sophia_state(opt_state)
-    hp = state.hparams
-    leaves = list(zip(jax.tree.leaves(state.mu), jax.tree.leaves(state.h)))
-    total = max(sum(m.size for m, _ in leaves), 1)
-    win_rate = jnp.zeros([], jnp.float32)
-    for m, h in leaves:  # per-leaf means, weighted: no integer count (models pass 2**31 coordinates)
-        bound = hp["clip_threshold"] * (jnp.maximum(hp["rho"] * h.astype(jnp.float32), 0) + hp["eps"])
-        win_rate += jnp.mean(jnp.abs(m.astype(jnp.float32)) < bound, dtype=jnp.float32) * (m.size / total)
-    return {
-        "win_rate": win_rate,
+    hs = jax.tree.leaves(state.h)
+    total = max(sum(h.size for h in hs), 1)
+    weights = [h.size / total for h in hs]  # per-leaf means, weighted: no integer count (2**31+ coordinates)
+    out = {
+        "win_rate": sum((w * r for w, r in zip(weights, state.win_rates)), jnp.zeros([], jnp.float32)),
         "hessian_norm": optax.tree.norm(state.h),
         "momentum_norm": optax.tree.norm(state.mu),
+        "hessian_mean": sum((w * jnp.mean(h, dtype=jnp.float32) for w, h in zip(weights, hs)),
+                            jnp.zeros([], jnp.float32)),
+        "hessian_max": jnp.max(jnp.stack([jnp.max(h).astype(jnp.float32) for h in hs])) if hs
+        else jnp.zeros([], jnp.float32),
         "hessian_updates": state.hessian_updates,
         "hessian_skips": state.hessian_skips,
         "count": state.count,
     }
+    if groups is not None:
+        names = jax.tree.leaves(groups)
+        if len(names) != len(hs):
+            raise ValueError(f"groups has {len(names)} leaves but the optimizer state has {len(hs)} parameter "
+                             "leaves; pass a pytree like params with one group name per parameter")
+        for name in dict.fromkeys(names):
+            members = [(h.size, r) for h, r, n in zip(hs, state.win_rates, names) if n == name]
+            size = sum(s for s, _ in members)
+            out[f"win_rate/{name}"] = sum((s / size * r for s, r in members), jnp.zeros([], jnp.float32))
+    return out

@@ -138,7 +138,22 @@ def test_hutchinson_is_unbiased_for_the_hessian_diagonal(distribution):
         assert np.all(sem["x"] > 0)
 
 
-def test_estimators_drop_extra_args_they_do_not_take():
-    hessian_fn = sophia_jax.hutchinson(lambda p, scale: scale * jnp.sum(p["x"] ** 2))
-    out = hessian_fn({"x": jnp.ones(3)}, jax.random.PRNGKey(0), scale=2.0, batch="ignored", step=3)
+def test_an_extra_argument_the_estimator_does_not_name_is_an_error_not_dropped():
+    """A `loss_mask` meant for a logits_fn that calls it `mask` must not be dropped (that would count the
+    padding); every extra argument reaches the function, and one it does not name is a TypeError."""
+    def logits_fn(params, x, mask=None):
+        logits = x @ params["w"]
+        return logits if mask is None else (logits, mask)
+
+    params, x = {"w": jnp.ones((3, 4))}, jnp.ones((2, 5, 3))
+    padding = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], jnp.float32)
+    gnb = sophia_jax.gauss_newton_bartlett(logits_fn)
+    with pytest.raises(TypeError, match="loss_mask"):
+        gnb(params, jax.random.PRNGKey(0), x=x, loss_mask=padding)
+    hutchinson = sophia_jax.hutchinson(lambda p, scale: scale * jnp.sum(p["x"] ** 2))
+    with pytest.raises(TypeError, match="step"):
+        hutchinson({"x": jnp.ones(3)}, jax.random.PRNGKey(0), scale=2.0, step=3)
+    # Those meant for other members of a chain are ignored only when the function says so.
+    out = sophia_jax.hutchinson(lambda p, scale, **_: scale * jnp.sum(p["x"] ** 2))(
+        {"x": jnp.ones(3)}, jax.random.PRNGKey(0), scale=2.0, step=3)
     np.testing.assert_allclose(out["x"], 4.0)

@@ -19,7 +19,7 @@ def _sophia(state):
 def test_estimator_runs_on_calls_k_2k_with_the_extra_args_of_that_call():
     b2, k = 0.9, 10
 
-    def hessian_fn(params, key, step):
+    def hessian_fn(params, key, step, **_):  # `unrelated` is meant for another member of the chain
         return jax.tree.map(lambda p: jnp.full_like(p, step), params)
 
     opt = optax.chain(optax.clip_by_global_norm(1.0),
@@ -107,7 +107,6 @@ def test_inject_hyperparams_changes_take_effect():
     m1, m2 = 0.035 * g["w"], (0.965 * 0.035 + 0.035) * g["w"]
     np.testing.assert_allclose(u1["w"], -0.1 * np.clip(m1 / (0.05 * 100), -1, 1), rtol=1e-5)
     np.testing.assert_allclose(u2["w"], -0.02 * np.clip(m2 / (0.5 * 100), -1, 1), rtol=1e-5)
-    assert float(_sophia(state).hparams["rho"]) == 0.5
 
 
 def _logits_fn(params, x):
@@ -250,6 +249,41 @@ def test_metrics_match_a_numpy_count():
     assert 0 < wins < 207
     assert float(metrics["momentum_norm"]) == pytest.approx(
         np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in m.values())), rel=1e-5)
+
+
+def test_win_rate_is_the_clipping_the_update_applied_not_the_refreshed_one():
+    """On a refresh call, the update uses h from before the refresh: with h = 0 every coordinate is
+    clipped (win rate 0), even though the h the refresh leaves behind would clip none."""
+    params = {"w": jnp.ones(5), "b": jnp.ones(3)}
+    opt = sophia_jax.sophia_g(1e-3, rho=0.05, update_interval=1,
+                              hessian_fn=lambda p, key: jax.tree.map(lambda a: jnp.full_like(a, 1e9), p))
+    state = opt.init(params)
+    grads = {"w": jnp.full(5, 0.1), "b": jnp.full(3, -0.1)}
+    updates, state = opt.update(grads, state, params)
+    np.testing.assert_allclose(updates["w"], -1e-3 * (1 + 0.1 * 1.0), rtol=1e-6)  # clipped: sign step + decay
+    assert float(_sophia(state).h["w"][0]) > 0  # refreshed after the update
+    assert float(sophia_jax.metrics(state)["win_rate"]) == 0.0
+    updates, state = opt.update(grads, state, params)  # now preconditioned by the large h: nothing clipped
+    assert float(sophia_jax.metrics(state)["win_rate"]) == 1.0
+
+
+def test_metrics_by_parameter_group_match_a_numpy_count():
+    rng = np.random.default_rng(3)
+    params = {"a": jnp.zeros((6, 5)), "b": jnp.zeros(4), "c": jnp.zeros(9)}
+    opt = sophia_jax.scale_by_sophia(rho=1.0)
+    state = sophia_jax.update_hessian(opt.init(params), {k: jnp.full(v.shape, 100.0) for k, v in params.items()})
+    grads = {k: jnp.asarray(30 * rng.standard_normal(v.shape), jnp.float32) for k, v in params.items()}
+    _, state = opt.update(grads, state, params)
+    mu = {k: 0.035 * np.asarray(g) for k, g in grads.items()}  # h = 0.01 * 100 = 1: unclipped iff |m| < 1
+    won = {k: np.mean(np.abs(v) < 1.0) for k, v in mu.items()}
+    out = sophia_jax.metrics(state, groups={"a": "matrix", "b": "vector", "c": "vector"})
+    assert 0 < won["a"] < 1
+    assert float(out["win_rate/matrix"]) == pytest.approx(won["a"], abs=1e-6)
+    assert float(out["win_rate/vector"]) == pytest.approx((4 * won["b"] + 9 * won["c"]) / 13, abs=1e-6)
+    assert float(out["win_rate"]) == pytest.approx((30 * won["a"] + 4 * won["b"] + 9 * won["c"]) / 43, abs=1e-6)
+    assert float(out["hessian_max"]) == pytest.approx(1.0) and float(out["hessian_mean"]) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="one group name per parameter"):
+        sophia_jax.metrics(state, groups={"a": "x"})
 
 
 def test_metrics_trace_for_more_than_2_to_the_31_coordinates():
