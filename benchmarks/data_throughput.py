@@ -25,7 +25,7 @@ from pathlib import Path
 
 def write_corpus(out: Path, text_bytes: int, files: int) -> tuple[list[str], int]:
     """Standard-library source as `files` jsonl shards of about text_bytes/files each."""
-    from trainer.corpus import stdlib_files
+    from trainer.data.corpus import stdlib_files
 
     docs = stdlib_files(text_bytes)
     paths = [out / f"stdlib-{i:02d}.jsonl" for i in range(files)]
@@ -38,7 +38,7 @@ def write_corpus(out: Path, text_bytes: int, files: int) -> tuple[list[str], int
 
 
 def time_tokenize(inputs: list[str], tokenizer: str, out: Path, workers: int) -> tuple[float, int, int]:
-    from trainer.cache_builder import build_cache
+    from trainer.data.builder import build_cache
 
     start = time.perf_counter()
     index = build_cache(inputs, tokenizer, str(out), workers=workers, progress=False, log=lambda _: None)
@@ -51,7 +51,7 @@ def time_loader(dataset, batch: int, seq_len: int, steps: int, prefetch: int) ->
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from trainer.data import BatchLoader
+    from trainer.data.loader import BatchLoader
 
     mesh = jax.make_mesh((jax.device_count(),), ("data",))
     sharding = NamedSharding(mesh, P("data"))
@@ -87,8 +87,8 @@ def main() -> None:
 
     if jax.config.jax_platforms == "cpu":
         jax.config.update("jax_num_cpu_devices", args.devices)
-    from trainer.corpus import EmbeddedCorpus, build_embedded
-    from trainer.data import TokenDataset
+    from trainer.data.corpus import EmbeddedCorpus, build_embedded
+    from trainer.data.loader import TokenDataset
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -15,10 +15,11 @@ import pytest
 import zstandard
 from tokenizers import Tokenizer
 
-from trainer import cache_builder as tk
-from trainer import sources
-from trainer.corpus import train_bpe
-from trainer.data import TokenDataset
+from trainer.data import builder as tk
+from trainer.data import cli, sources
+from trainer.data import format as format_
+from trainer.data.corpus import train_bpe
+from trainer.data.loader import TokenDataset
 
 WORDS = "the of and to in is that for it as with was on be by café naïve 日本 emoji🙂 x=1; def f(): return".split()
 
@@ -220,7 +221,7 @@ def test_strict_mode_names_file_and_line(tmp_path, tokenizer_file, capsys):
               workers=2)
     assert not (tmp_path / "c" / "index.json").exists()
     (tmp_path / "bin.txt").write_bytes(b"line one\nline two\nbad \xff here\n")
-    rc = tk.main(["tokenize", str(tmp_path / "bin.txt"), "--tokenizer", tokenizer_file, "--out",
+    rc = cli.main(["tokenize", str(tmp_path / "bin.txt"), "--tokenizer", tokenizer_file, "--out",
                   str(tmp_path / "d"), "--strict", "--no_progress", "--workers", "1"])
     assert rc == 2 and f"{tmp_path / 'bin.txt'}:3: non utf8" in capsys.readouterr().err
 
@@ -263,6 +264,20 @@ def test_interrupted_build_leaves_no_index_and_rerun_resumes(tmp_path, tokenizer
     assert "tokenizing 3 of 3" in logs[0] and index["splits"]["validation"]["num_tokens"] > 0
 
 
+def test_an_input_rewritten_with_the_same_length_is_tokenized_again(tmp_path, tokenizer_file, tok):
+    """The shard record must follow the input's content identity, not its byte size."""
+    path = tmp_path / "a.jsonl"
+    write_jsonl(path, ["alpha beta gamma", "the of and"])
+    build([path], tokenizer_file, tmp_path / "c")
+    size = path.stat().st_size
+    write_jsonl(path, ["gamma alpha beta", "and the of"])  # same bytes, other order: same length
+    assert path.stat().st_size == size
+    _, logs = build([path], tokenizer_file, tmp_path / "c")
+    assert "tokenizing 1 of 1 input files" in logs[0]
+    np.testing.assert_array_equal(stream_of(str(tmp_path / "c")),
+                                  expected_stream(tok, ["gamma alpha beta", "and the of"]))
+
+
 # ------------------------------------------------------------------------------------ tokenizer + CLI
 def test_tokenizer_resolution_and_errors(tmp_path, tokenizer_file):
     directory = Path(tokenizer_file).parent
@@ -275,7 +290,7 @@ def test_tokenizer_resolution_and_errors(tmp_path, tokenizer_file):
     tokenizer, _ = tk.load_tokenizer(tokenizer_file)
     with pytest.raises(sources.BuildError, match="no EOS token '<eos>'; pass --eos"):
         tk.eos_token_id(tokenizer, "<eos>")
-    assert tk.token_dtype(50277) == np.uint16 and tk.token_dtype(100_000) == np.uint32
+    assert format_.token_dtype(50277) == np.uint16 and format_.token_dtype(100_000) == np.uint32
 
 
 def test_cli(tmp_path, tokenizer_file, tok, capsys):
@@ -283,13 +298,13 @@ def test_cli(tmp_path, tokenizer_file, tok, capsys):
     write_jsonl(tmp_path / "a.jsonl", docs, field="content")
     argv = ["tokenize", str(tmp_path / "a.jsonl"), "--tokenizer", tokenizer_file, "--out", str(tmp_path / "c"),
             "--text_field", "content", "--workers", "1", "--no_progress"]
-    assert tk.main(argv) == 0
+    assert cli.main(argv) == 0
     np.testing.assert_array_equal(stream_of(str(tmp_path / "c")), expected_stream(tok, docs))
-    assert tk.main(["info", str(tmp_path / "c")]) == 0
+    assert cli.main(["info", str(tmp_path / "c")]) == 0
     assert "12 docs" in capsys.readouterr().out
-    assert tk.main(["tokenize", str(tmp_path / "a.jsonl"), "--tokenizer", str(tmp_path / "none.json"),
+    assert cli.main(["tokenize", str(tmp_path / "a.jsonl"), "--tokenizer", str(tmp_path / "none.json"),
                     "--out", str(tmp_path / "d")]) == 2
     assert "none.json' not found" in capsys.readouterr().err
-    help_run = subprocess.run([sys.executable, "-m", "trainer.cache_builder", "tokenize", "--help"],
+    help_run = subprocess.run([sys.executable, "-m", "trainer.data.cli", "tokenize", "--help"],
                               capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert help_run.returncode == 0 and "--val_fraction" in help_run.stdout

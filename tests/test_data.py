@@ -15,9 +15,11 @@ import yaml
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tokenizers import Tokenizer
 
-from trainer import data as data_lib
-from trainer.corpus import EmbeddedCorpus, build_embedded
-from trainer.data import BatchLoader, DataConfig, FeistelPermutation, TokenDataset, open_dataset
+from trainer.config import from_dict
+from trainer.data import loader as data_lib
+from trainer.data.config import DataConfig, open_dataset
+from trainer.data.corpus import EmbeddedCorpus, build_embedded
+from trainer.data.loader import BatchLoader, EvalBatches, FeistelPermutation, TokenDataset
 
 SEQ = 8
 SHARD_SIZES = (1000, 37, 2203)  # uneven, so sequences straddle shard boundaries
@@ -200,7 +202,7 @@ def test_prefetch_errors_reach_the_consumer(dataset, monkeypatch):
 
 # ------------------------------------------------------------------------------------ embedded corpus
 def test_embedded_corpus_builds_once_with_the_same_format(tmp_path):
-    cfg = DataConfig(embedded_vocab_size=300, embedded_max_bytes=150_000, embedded_val_fraction=0.2,
+    cfg = DataConfig(embedded=EmbeddedCorpus(vocab_size=300, max_bytes=150_000, val_fraction=0.2),
                      embedded_dir=str(tmp_path))
     train, val = open_dataset(cfg, "train"), open_dataset(cfg, "validation")
     tok = Tokenizer.from_file(train.tokenizer_path)
@@ -226,7 +228,7 @@ def test_data_configs_are_data_config_fields():
     for path in sorted((REPO / "configs" / "data").glob("*.yaml")):
         values = yaml.safe_load(path.read_text()) or {}
         assert set(values) <= fields, f"{path.name}: unknown keys {set(values) - fields}"
-        DataConfig(**values)
+        from_dict(DataConfig, values)
     assert yaml.safe_load((REPO / "configs/data/pile.yaml").read_text())["cache"].startswith("gs://")
 
 
@@ -234,3 +236,18 @@ def test_open_dataset_rejects_unknown_split(dataset):
     with pytest.raises(ValueError, match="split='test'"):
         TokenDataset(dataset.cache, "test")
     assert data_lib.host_row_range(None, (8, 9), 1, 2, simulated=True) == (4, 8)
+
+
+def test_eval_batches_cover_a_small_split_whole_in_order_with_padding(dataset):
+    n = dataset.num_sequences(SEQ)  # 405 sequences of 8+1 tokens
+    mesh = jax.make_mesh((8,), ("data",))
+    sharding = NamedSharding(mesh, P("data", None))
+    evals = EvalBatches(dataset, seq_len=SEQ, batch_size=16, max_batches=1000, sharding=sharding)
+    assert evals.num_sequences == n and len(evals) == -(-n // 16)
+    rows, weights = zip(*[(np.asarray(t), np.asarray(w)) for t, w in evals])
+    rows, weights = np.concatenate(rows), np.concatenate(weights)
+    assert weights.sum() == n and weights[:n].all() and not weights[n:].any()
+    np.testing.assert_array_equal(seq_ids(rows[:n]), np.arange(n))  # every sequence once, in order
+    assert not rows[n:].any()
+    capped = EvalBatches(dataset, seq_len=SEQ, batch_size=16, max_batches=3, sharding=sharding)
+    assert capped.num_sequences == 48 and len(capped) == 3
