@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from trainer.config import OptimizerConfig
+from trainer.optim import SophiaGConfig
 from trainer.model import GPTNeoX, ModelConfig
 from trainer.optim import lr_schedule, weight_decay_mask
 
@@ -19,7 +19,7 @@ def expected_lr(t: np.ndarray, peak: float, floor_ratio: float, warmup: int, tot
 
 @pytest.mark.parametrize("warmup, total, warmup_steps", [(0, 50, 0), (1, 50, 1), (10, 50, 10), (0.1, 200, 20)])
 def test_warmup_then_cosine_to_min_lr_ratio(warmup, total, warmup_steps):
-    config = OptimizerConfig(learning_rate=6e-4, min_lr_ratio=0.05, warmup=warmup)
+    config = SophiaGConfig(learning_rate=6e-4, min_lr_ratio=0.05, warmup=warmup)
     schedule = lr_schedule(config, total)
     t = np.arange(total + 5)  # past the end it stays at the floor
     got = np.array([float(schedule(i)) for i in t])

@@ -9,7 +9,10 @@ field declares ("6e-4" -> float, "null" -> None); unknown keys are rejected with
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -19,64 +22,15 @@ from typing import Any
 import yaml
 
 from trainer.checkpoint import CheckpointConfig
-from trainer.data import DataConfig
+from trainer.data.config import DataConfig
 from trainer.model import ModelConfig
+from trainer.optim import OPTIMIZERS, OptimizerConfig, SophiaGConfig
 from trainer.sharding import MeshConfig
 
-__all__ = ["OptimizerConfig", "TrainConfig", "TrainerConfig", "DEFAULT_CONFIG", "load_config", "parse_args",
-           "to_dict"]
+__all__ = ["DEFAULT_CONFIG", "TrainConfig", "TrainerConfig", "build_config", "from_dict", "load_config", "load_values",
+           "parse_args", "to_dict", "usage"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "neox_tiny.yaml"
-OPTIMIZERS = ("sophia_g", "adamw", "lion")
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-    """Optimizer, learning-rate schedule and Sophia's Hessian estimator (`--optimizer.*`)."""
-
-    type: str = "sophia_g"
-    """One of sophia_g, adamw, lion."""
-    learning_rate: float = 6e-4
-    """Peak learning rate (after warmup)."""
-    min_lr_ratio: float = 0.05
-    """The cosine decays to min_lr_ratio * learning_rate at the last step (paper: 0.05)."""
-    warmup: float = 0.01
-    """Linear warmup length: a fraction of num_train_steps if < 1, else a number of steps."""
-    weight_decay: float = 0.2
-    """Decoupled weight decay (multiplied by the learning rate), on matrices only (see decay_embeddings)."""
-    decay_embeddings: bool = False
-    """Also decay the input embedding (norms and biases never decay)."""
-    b1: float | None = None
-    """Momentum EMA rate; None = the optimizer's default (sophia_g 0.965, adamw 0.9, lion 0.9)."""
-    b2: float | None = None
-    """Second EMA rate; None = default (sophia_g 0.99 for h, adamw 0.95, lion 0.99)."""
-    eps: float | None = None
-    """Denominator epsilon; None = default (sophia_g 1e-12, adamw 1e-8; unused by lion)."""
-    max_grad_norm: float | None = 1.0
-    """Clip the gradient (and Sophia's sampled gradient) to this global norm; None = no clipping."""
-    rho: float = 0.05
-    """Sophia's rho (gamma): larger clips fewer coordinates; tune so optim/win_rate stays ~0.1-0.5."""
-    update_interval: int = 10
-    """Sophia's k: the Hessian estimate is refreshed after steps k, 2k, ..."""
-    hessian_batch_fraction: float = 0.25
-    """Sequences in a Hessian batch, as a fraction of trainer.global_batch (a separate, fresh stream)."""
-    hessian_microbatches: int = 1
-    """The Hessian batch is processed in this many microbatches (lax.scan), to bound activation memory."""
-    hessian_mode: str = "separate"
-    """'separate': its own compiled hessian_step after steps k, 2k, ... (the official order);
-    'cond': inside train_step under lax.cond (one program; the estimate sees the pre-update params)."""
-
-    def __post_init__(self) -> None:
-        if self.type not in OPTIMIZERS:
-            raise ValueError(f"optimizer.type={self.type!r}; use one of {', '.join(OPTIMIZERS)}")
-        if self.hessian_mode not in ("separate", "cond"):
-            raise ValueError(f"optimizer.hessian_mode={self.hessian_mode!r}; use 'separate' or 'cond'")
-        if self.update_interval < 1:
-            raise ValueError(f"optimizer.update_interval={self.update_interval}; use k >= 1")
-        if self.hessian_microbatches < 1:
-            raise ValueError(f"optimizer.hessian_microbatches={self.hessian_microbatches}; use a value >= 1")
-        if not 0 < self.hessian_batch_fraction <= 1:
-            raise ValueError(f"optimizer.hessian_batch_fraction={self.hessian_batch_fraction}; use a value in (0, 1]")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +48,10 @@ class TrainerConfig:
     eval_every: int = 100
     """Compute eval/loss on the held-out split every this many steps and at the end (0 = never)."""
     eval_batches: int = 4
-    """Validation batches (of global_batch sequences) averaged into eval/loss; always the same ones."""
+    """Validation batches averaged into eval/loss: the first eval_batches x eval_batch_size sequences of
+    the validation split, always the same ones (all of it when the split is smaller)."""
+    eval_batch_size: int | None = None
+    """Sequences per evaluation batch; None = the training microbatch (global_batch / microbatches)."""
     peak_flops_per_device: float | None = None
     """Peak FLOP/s of one device for throughput/mfu; None = known by device kind (TPU, H100...) or null."""
     wandb: str = "disabled"
@@ -112,6 +69,12 @@ class TrainerConfig:
         for name in ("num_train_steps", "global_batch", "microbatches", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name}={getattr(self, name)} must be >= 1")
+        if self.eval_every < 0:
+            raise ValueError(f"trainer.eval_every={self.eval_every}; use a step count, or 0 for no evaluation")
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
+            raise ValueError(f"trainer.eval_batch_size={self.eval_batch_size} must be >= 1 (or null)")
+        if self.peak_flops_per_device is not None and self.peak_flops_per_device <= 0:
+            raise ValueError(f"trainer.peak_flops_per_device={self.peak_flops_per_device}; use FLOP/s > 0 or null")
         if self.global_batch % self.microbatches:
             raise ValueError(f"trainer.global_batch={self.global_batch} is not divisible by trainer.microbatches="
                              f"{self.microbatches}; use a batch that is a multiple of the microbatch count")
@@ -125,14 +88,14 @@ class TrainConfig:
 
     model: ModelConfig = ModelConfig()
     """GPT-NeoX shape and numerics (trainer/model.py)."""
-    optimizer: OptimizerConfig = OptimizerConfig()
-    """Optimizer and schedule (trainer/optim.py)."""
+    optimizer: OptimizerConfig = SophiaGConfig()
+    """Optimizer and schedule (trainer/optim.py); `type` picks sophia_g, adamw or lion."""
     trainer: TrainerConfig = TrainerConfig()
     """Batch, steps, eval and logging."""
     mesh: MeshConfig = MeshConfig()
     """Device mesh (trainer/sharding.py)."""
     data: DataConfig = DataConfig()
-    """Token source (trainer/data.py); the default is the embedded standard-library corpus."""
+    """Token source (trainer/data/); the default is the embedded standard-library corpus."""
     checkpoint: CheckpointConfig = CheckpointConfig()
     """When to save to <run_dir>/checkpoints and what to keep (trainer/checkpoint.py)."""
     seed: int = 0
@@ -145,6 +108,21 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------------------ loading
+# Sections whose class is chosen by their `type` field; switching type keeps only the shared fields.
+CHOICES: dict[type, dict[str, type]] = {OptimizerConfig: OPTIMIZERS}
+
+
+def _choose(cls: type, values: Mapping[str, Any], where: str) -> type:
+    """The class of a config section: `cls` itself, or the one its `type` names for choice sections."""
+    if cls not in CHOICES:
+        return cls
+    default = next(f.default for f in dataclasses.fields(TrainConfig) if f.name == where)
+    name = values.get("type", getattr(default, "type", None))
+    if name not in CHOICES[cls]:
+        raise ValueError(f"{where}.type={name!r}; use one of {', '.join(CHOICES[cls])}")
+    return CHOICES[cls][name]
+
+
 def _unknown(keys: Sequence[str], cls: type, where: str) -> ValueError:
     prefix = f"{where}." if where else ""
     names = ", ".join(f"{prefix}{k}" for k in keys)
@@ -177,26 +155,30 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
         raise ValueError(f"{where}={value!r}: expected true or false")
     if tp in (int, float):
+        if isinstance(value, bool) or value is None:  # YAML's true is not the integer 1
+            raise ValueError(f"{where}={value!r}: expected {'an integer' if tp is int else 'a number'}")
         try:
             number = tp(value) if not isinstance(value, str) else tp(float(value) if tp is float else int(value))
         except (TypeError, ValueError):
-            raise ValueError(f"{where}={value!r}: expected {tp.__name__}") from None
+            raise ValueError(f"{where}={value!r}: expected {'an integer' if tp is int else 'a number'}") from None
         if tp is int and isinstance(value, float) and value != int(value):
             raise ValueError(f"{where}={value!r}: expected an integer")
         return number
     if tp is str:
-        if value is None:
-            raise ValueError(f"{where}: expected a string, got null")
+        if value is None or isinstance(value, (bool, Mapping, list)):
+            raise ValueError(f"{where}={value!r}: expected a string")
         return str(value)
     return value
 
 
 def from_dict(cls: type, values: Mapping[str, Any], where: str = "") -> Any:
-    """`cls(**values)` with nested dataclasses, type conversion and unknown keys rejected by name."""
+    """`cls(**values)` with nested dataclasses, type conversion and unknown keys rejected by name; a choice
+    section (`optimizer`) becomes the class its `type` names."""
+    cls = _choose(cls, values, where)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = [k for k in values if k not in names]
@@ -206,10 +188,24 @@ def from_dict(cls: type, values: Mapping[str, Any], where: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict, update: Mapping) -> dict:
+def _shared_fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _deep_merge(base: Mapping, update: Mapping, cls: type = TrainConfig) -> dict:
+    """`update` over `base`, section by section. In a choice section, an update that changes `type` keeps
+    only the base's shared fields (those of the section's base class)."""
     out = dict(base)
+    hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
     for k, v in update.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+        sub = hints.get(k)
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) and dataclasses.is_dataclass(sub):
+            old = out[k]
+            if sub in CHOICES and "type" in v and v["type"] != old.get("type", v["type"]):
+                old = {name: value for name, value in old.items() if name in _shared_fields(sub)}
+            out[k] = _deep_merge(old, v, sub)
+        else:
+            out[k] = v
     return out
 
 
@@ -238,14 +234,24 @@ def _set_dotted(values: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def parse_args(argv: Sequence[str]) -> tuple[str | None, dict[str, str]]:
-    """`[--config FILE] [--dotted.key VALUE | --dotted.key=VALUE ...]` -> (config file, overrides)."""
-    config_file, overrides, i = None, {}, 0
+class CommandLine(typing.NamedTuple):
+    config_file: str | None  # --config FILE
+    overrides: dict[str, str]  # dotted key -> value text
+    help: bool  # -h / --help
+
+
+def parse_args(argv: Sequence[str]) -> CommandLine:
+    """`[--config FILE] [-h | --help] [--dotted.key VALUE | --dotted.key=VALUE ...]`."""
+    config_file, overrides, show_help, i = None, {}, False, 0
     argv = list(argv)
     while i < len(argv):
         arg = argv[i]
+        if arg in ("-h", "--help"):
+            show_help, i = True, i + 1
+            continue
         if not arg.startswith("--") or len(arg) == 2:
-            raise ValueError(f"unexpected argument {arg!r}; use --config FILE or --section.key VALUE")
+            raise ValueError(f"unexpected argument {arg!r}; use --config FILE or --section.key VALUE (--help lists "
+                             "the keys)")
         key, eq, value = arg[2:].partition("=")
         if not eq:
             if i + 1 >= len(argv):
@@ -256,18 +262,29 @@ def parse_args(argv: Sequence[str]) -> tuple[str | None, dict[str, str]]:
             config_file = value
         else:
             overrides[key] = value
-    return config_file, overrides
+    return CommandLine(config_file, overrides, show_help)
+
+
+def load_values(command_line: CommandLine) -> tuple[dict[str, Any], str]:
+    """The merged YAML + override values of a command line (not yet checked), and the config's name."""
+    path = Path(command_line.config_file) if command_line.config_file is not None else DEFAULT_CONFIG
+    values = read_yaml(path) if (command_line.config_file is not None or path.is_file()) else {}
+    overrides: dict[str, Any] = {}
+    for dotted, value in command_line.overrides.items():
+        _set_dotted(overrides, dotted, _parse_value(value))
+    return _deep_merge(values, overrides), path.stem
+
+
+def build_config(values: Mapping[str, Any]) -> TrainConfig:
+    """The TrainConfig of merged values; unknown keys and bad values are named in a ValueError."""
+    _check_dotted(values)
+    return from_dict(TrainConfig, values)
 
 
 def load_config(argv: Sequence[str] = ()) -> tuple[TrainConfig, str]:
     """The TrainConfig of a command line, and the config's name (the YAML file's stem)."""
-    config_file, overrides = parse_args(argv)
-    path = Path(config_file) if config_file is not None else DEFAULT_CONFIG
-    values = read_yaml(path) if (config_file is not None or path.is_file()) else {}
-    for dotted, value in overrides.items():
-        _set_dotted(values, dotted, _parse_value(value))
-    _check_dotted(values)
-    return from_dict(TrainConfig, values), path.stem
+    values, name = load_values(parse_args(argv))
+    return build_config(values), name
 
 
 def _parse_value(text: str) -> Any:
@@ -280,8 +297,9 @@ def _parse_value(text: str) -> Any:
 
 def _check_dotted(values: Mapping[str, Any], cls: type = TrainConfig, where: str = "") -> None:
     """Reject unknown keys at every level before any dataclass validation runs."""
+    cls = _choose(cls, values, where)
     hints = typing.get_type_hints(cls)
-    unknown = [k for k in values if k not in hints]
+    unknown = [k for k in values if k not in hints or k not in {f.name for f in dataclasses.fields(cls)}]
     if unknown:
         raise _unknown(unknown, cls, where)
     for k, v in values.items():
@@ -292,3 +310,72 @@ def _check_dotted(values: Mapping[str, Any], cls: type = TrainConfig, where: str
 def to_dict(config: Any) -> dict[str, Any]:
     """A (nested) config dataclass as plain YAML-able values."""
     return dataclasses.asdict(config)
+
+
+# ------------------------------------------------------------------------------------------ --help
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each field of a dataclass (and of its bases), by field name."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args:
+        return _type_name(args[0]) + ("|null" if len(args) < len(typing.get_args(tp)) else "")
+    return {int: "INT", float: "FLOAT", str: "STR", bool: "BOOL"}.get(tp, getattr(tp, "__name__", str(tp)).upper())
+
+
+def _section_lines(cls: type, values: Any, prefix: str, skip: set[str] = frozenset()) -> list[str]:
+    lines, docs, hints = [], field_docs(cls), typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines += _section_lines(hints[f.name], getattr(values, f.name, None), f"{prefix}{f.name}.")
+            continue
+        current = getattr(values, f.name, f.default)
+        shown = "null" if current is None else str(current).lower() if isinstance(current, bool) else current
+        lines.append(f"  --{prefix}{f.name} {_type_name(hints[f.name])}  (now: {shown})")
+        lines += ["      " + line for line in textwrap.wrap(docs.get(f.name, ""), 96)]
+    return lines
+
+
+def usage(config: TrainConfig, name: str) -> str:
+    """`sophia-train --help`: every config key, grouped by section, with its value in `config` and its doc."""
+    out = ["usage: sophia-train [--config FILE] [--section.key VALUE | --section.key=VALUE ...]",
+           "",
+           "Trains a GPT-NeoX with Sophia-G, AdamW or Lion. Every key below can be set in the YAML file (a",
+           "`base: other.yaml` line inherits another) or on the command line; VALUE is read as YAML (null, true,",
+           f"3e-4). Values shown are those of {name}.yaml with the overrides given.",
+           "",
+           "  --config FILE  (default: configs/neox_tiny.yaml)"]
+    hints = typing.get_type_hints(TrainConfig)
+    top = [f.name for f in dataclasses.fields(TrainConfig) if not dataclasses.is_dataclass(hints[f.name])]
+    out += _section_lines(TrainConfig, config, "", skip={f.name for f in dataclasses.fields(TrainConfig)} - set(top))
+    for f in dataclasses.fields(TrainConfig):
+        section = hints[f.name]
+        if not dataclasses.is_dataclass(section):
+            continue
+        out += ["", f"{f.name}: {field_docs(TrainConfig)[f.name]}"]
+        if section in CHOICES:
+            chosen = getattr(config, f.name)
+            out += _section_lines(type(chosen), chosen, f"{f.name}.")
+            for other in CHOICES[section].values():
+                if other is type(chosen):
+                    continue
+                own = _shared_fields(other) - _shared_fields(section)
+                out += [""] + textwrap.wrap(f"with --{f.name}.type {other.name}: {' '.join(other.__doc__.split())}",
+                                            100, initial_indent="  ", subsequent_indent="    ")
+                out += _section_lines(other, other(), f"{f.name}.", skip=_shared_fields(other) - own)
+        else:
+            out += _section_lines(section, getattr(config, f.name), f"{f.name}.")
+    return "\n".join(out) + "\n"

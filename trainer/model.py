@@ -81,7 +81,7 @@ class ModelConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
         for name in ("compute_dtype", "param_dtype"):
-            if getattr(self, name) not in ("bfloat16", "float32", "float16"):
+            if getattr(self, name) not in ("bfloat16", "float32"):
                 raise ValueError(f"model.{name}={getattr(self, name)!r}; use 'bfloat16' or 'float32'")
 
     @property
