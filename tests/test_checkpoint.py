@@ -15,7 +15,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import sophia_jax
 from trainer import plot
 from trainer.checkpoint import (
-    CheckpointConfig, Checkpointer, PreemptionGuard, check_resumable, read_extras, trim_metrics)
+    CheckpointConfig, Checkpointer, CheckpointReadError, PreemptionGuard, check_resumable, read_extras, resume,
+    trim_metrics)
 
 
 def _train_state(mesh, spec):
@@ -78,7 +79,66 @@ def test_damaged_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):
         step, state, extras = Checkpointer(tmp_path).restore_latest(abstract)
     assert (step, extras) == (10, {"step": 10})
     np.testing.assert_array_equal(state["x"], 10.0)
-    assert any("could not be restored" in r.message for r in caplog.records)
+    assert any("is damaged" in r.message for r in caplog.records)
+
+
+def _two_checkpoints(directory):
+    ckpt = Checkpointer(directory, CheckpointConfig(async_save=False))
+    for step in (10, 20):
+        ckpt.save(step, {"x": jnp.full(4, float(step))}, {"config": {"seed": 0}, "loader": {"step": step}})
+    ckpt.close()
+    return {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}
+
+
+def test_a_read_error_is_not_damage_it_stops_and_changes_nothing(tmp_path):
+    """An I/O error says nothing about a checkpoint: falling back would roll the run back and set the
+    newest (maybe good) checkpoint aside. Here the kernel itself fails the read: the newest extras file is
+    a link to /proc/self/mem, whose first page is never mapped (EIO)."""
+    directory = tmp_path / "checkpoints"
+    abstract = _two_checkpoints(directory)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 21)))
+    extras = directory / "20" / "extras" / "metadata"
+    extras.unlink()
+    os.symlink("/proc/self/mem", extras)
+    with pytest.raises(CheckpointReadError, match=r"checkpoints/20 \(OSError: .*Input/output error.*nothing was changed"):
+        Checkpointer(directory).restore_latest(abstract)
+    with pytest.raises(CheckpointReadError, match="nothing was changed"):
+        resume(Checkpointer(directory), abstract, {"seed": 0}, ["seed"], metrics_path=metrics)
+    assert sorted(p.name for p in directory.iterdir()) == ["10", "20"]  # nothing set aside
+    assert Checkpointer(directory).steps() == [10, 20]
+    assert len(metrics.read_text().splitlines()) == 20  # nor trimmed
+
+
+def test_resume_skips_a_truncated_checkpoint_sets_it_aside_and_trims_the_metrics(tmp_path):
+    directory = tmp_path / "checkpoints"
+    abstract = _two_checkpoints(directory)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 21)))
+    for path in (directory / "20" / "state").rglob("*"):
+        if path.is_file() and path.stat().st_size > 100:
+            path.write_bytes(path.read_bytes()[:7])  # truncated array data
+    resumed = resume(Checkpointer(directory), abstract, {"seed": 0}, ["seed"], metrics_path=metrics)
+    assert resumed.step == 10 and resumed.extras["loader"] == {"step": 10}
+    np.testing.assert_array_equal(resumed.state["x"], 10.0)
+    assert sorted(p.name for p in directory.iterdir()) == ["10", "20.unrestorable"]
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 11))
+    with pytest.raises(ValueError, match="seed: checkpoint has 0, this run has 1"):
+        resume(Checkpointer(directory), abstract, {"seed": 1}, ["seed"])
+
+
+def test_damage_is_told_from_storage_errors():
+    from trainer.checkpoint import is_damage
+
+    assert is_damage(ValueError('OUT_OF_RANGE: Error reading "x/0": Requested byte range [0, 10) is not valid'))
+    assert is_damage(ValueError("DATA_LOSS: Error decoding manifest"))
+    assert is_damage(FileNotFoundError("extras/metadata"))
+    assert is_damage(json.JSONDecodeError("Expecting value", "", 0))
+    assert not is_damage(OSError(5, "Input/output error"))
+    assert not is_damage(PermissionError(13, "Permission denied"))
+    assert not is_damage(ValueError("UNAVAILABLE: Error reading gs://bucket/run/checkpoints/20: connection refused"))
+    assert not is_damage(ValueError("DEADLINE_EXCEEDED: timed out"))
+    assert not is_damage(RuntimeError("something nobody anticipated"))  # when in doubt, stop
 
 
 def test_restore_latest_on_an_empty_directory_is_none(tmp_path):

@@ -29,8 +29,8 @@ def command(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
             "--model.hidden_dim", "32", "--model.num_layers", "2", "--model.num_heads", "4", "--model.seq_len", "32",
             "--optimizer.update_interval", "4", "--optimizer.warmup", "4",
             "--checkpoint.every_steps", "5", "--checkpoint.every_minutes", "null",
-            "--data.embedded_dir", str(corpus), "--data.embedded_max_bytes", "300000",
-            "--data.embedded_vocab_size", "384", *extra]
+            "--data.embedded_dir", str(corpus), "--data.embedded.max_bytes", "300000",
+            "--data.embedded.vocab_size", "384", *extra]
 
 
 def env() -> dict[str, str]:
@@ -155,7 +155,7 @@ def test_damaged_latest_checkpoint_is_skipped_and_a_changed_shape_refused(tmp_pa
             path.write_bytes(b"\0" * 7)  # torn array data
     result = run(run_dir, corpus)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "could not be restored" in result.stderr and "resuming from" in result.stderr
+    assert "is damaged" in result.stderr and "resuming from" in result.stderr
     assert "checkpoints/35" in result.stderr
     assert (run_dir / "checkpoints" / "40.unrestorable").is_dir()  # set aside, then step 40 saved anew
     assert_identical(run_dir, straight)
@@ -190,6 +190,8 @@ def test_wandb_offline_resumes_the_same_run_id(tmp_path):
     second.log(2, {"train/loss": 2.5})
     assert second._wandb.id == run_id
     second.close()
-    runs = list((tmp_path / "wandb").glob(f"offline-run-*-{run_id}"))
-    assert len(runs) == 2  # one directory per session, one run id
+    # Both sessions wrote under the one run id (two directories, or one when they started within the same
+    # second: wandb names them by the start time, so the count is not asserted).
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert runs and all(r.name.endswith(f"-{run_id}") for r in runs)
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -1,12 +1,16 @@
-"""Durable training state: orbax checkpoints, the save policy, resume checks and preemption signals.
+"""Durable training state: orbax checkpoints, the save policy, resuming a run, and preemption signals.
 
 A checkpoint is one orbax step directory under `<run_dir>/checkpoints/` holding
   state/   the train state pytree (params, optimizer state with m, h, count and the Hessian key, the
            training key, the step), written by tensorstore, each host writing only its own shards;
   extras/  JSON: the data-loader position, the resolved config and anything else the trainer adds.
-orbax writes into a temporary directory and renames it when every host has finished, so a crash mid-save
-never replaces the last complete checkpoint; a step directory that fails to restore is skipped, with a
-warning, in favour of the one before it.
+orbax finalizes a step only when every host has finished (a rename locally, a commit marker on gs://),
+so a crash mid-save never replaces the last complete checkpoint. Paths are `etils.epath` paths (what
+orbax uses): local directories and gs:// alike.
+
+Resuming (`resume`) skips a finalized checkpoint only when it is provably damaged (its files are
+missing, truncated or undecodable); any other failure to read it (an I/O, permission or network error)
+stops the run with the reason and changes nothing, because that checkpoint may be good.
 """
 
 from __future__ import annotations
@@ -14,20 +18,27 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 __all__ = [
     "CheckpointConfig",
+    "CheckpointReadError",
     "Checkpointer",
     "PreemptionGuard",
+    "Resumed",
     "check_resumable",
+    "is_damage",
+    "read_extras",
+    "resume",
     "trim_metrics",
 ]
 
@@ -62,9 +73,10 @@ class CheckpointConfig:
 class Checkpointer:
     """Saves and restores `(state, extras)` pairs in `directory` under a `CheckpointConfig` policy."""
 
-    def __init__(self, directory: str | Path, config: CheckpointConfig = CheckpointConfig(),
+    def __init__(self, directory: str | os.PathLike, config: CheckpointConfig = CheckpointConfig(),
                  clock: Callable[[], float] = time.monotonic):
-        self.directory = Path(directory).absolute()
+        directory = epath.Path(directory)
+        self.directory = directory if "://" in str(directory) else directory.absolute()
         self.config = config
         self._clock = clock
         self._last_save = clock()
@@ -104,28 +116,32 @@ class Checkpointer:
         return restored["state"], dict(restored["extras"])
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
-        """The newest checkpoint that restores, skipping broken ones with a warning; None if there is none."""
+        """The newest checkpoint that restores, skipping provably damaged ones with a warning; None if
+        there is none. Raises CheckpointReadError, changing nothing, when one cannot be read for another
+        reason (storage, permissions, network)."""
         for step in reversed(self.steps()):
             try:
                 state, extras = self.restore(step, abstract_state)
-            except Exception as error:  # a damaged step directory: fall back to the previous one
-                logger.warning("checkpoint %s/%d could not be restored (%s: %s); trying the one before it",
-                               self.directory, step, type(error).__name__, error)
+            except Exception as error:
+                if not is_damage(error):
+                    raise CheckpointReadError(self.directory / str(step), error) from error
+                logger.warning("checkpoint %s/%d is damaged (%s: %s); trying the one before it",
+                               self.directory, step, type(error).__name__, _first_line(error))
                 continue
             return step, state, extras
         return None
 
     def set_aside_after(self, step: int) -> list[int]:
-        """Renames the checkpoints newer than `step` (ones that failed to restore, when a run resumes from
-        `step`) to `<step>.unrestorable`, so that the resumed run can save those steps again; returns them."""
+        """Renames the checkpoints newer than `step` (damaged ones, or with --resume_from a later future)
+        to `<step>.unrestorable`, so that the resumed run can save those steps again; returns them."""
         newer = [s for s in self.steps() if s > step]
         if newer and jax.process_index() == 0:
             for s in newer:
                 path, n = self.directory / str(s), 0
-                target = path.with_name(f"{s}.unrestorable")
+                target = self.directory / f"{s}.unrestorable"
                 while target.exists():  # set aside before, by an earlier resume
                     n += 1
-                    target = path.with_name(f"{s}.unrestorable.{n}")
+                    target = self.directory / f"{s}.unrestorable.{n}"
                 path.rename(target)
                 logger.warning("set aside %s as %s (resuming from step %d)", path, target.name, step)
         if newer:
@@ -144,9 +160,9 @@ class Checkpointer:
         self._manager.close()
 
 
-def read_extras(step_dir: str | Path) -> dict[str, Any]:
+def read_extras(step_dir: str | os.PathLike) -> dict[str, Any]:
     """The JSON extras of one checkpoint step directory, without restoring its arrays."""
-    path = Path(step_dir) / "extras" / "metadata"
+    path = epath.Path(step_dir) / "extras" / "metadata"
     if not path.is_file():
         raise FileNotFoundError(f"{step_dir} is not a complete sophia-jax checkpoint (no extras/metadata); "
                                 "pass a step directory such as RUN_DIR/checkpoints/1000")
@@ -178,11 +194,11 @@ def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
     return node
 
 
-def trim_metrics(path: str | Path, last_step: int) -> int:
+def trim_metrics(path: str | os.PathLike, last_step: int) -> int:
     """Drops the lines of a metrics.jsonl file whose `step` is after `last_step` (written after the
     checkpoint a run resumes from), so the resumed run appends without duplicating steps.
     Returns the number of lines dropped; a torn last line (crash mid-write) is dropped too."""
-    path = Path(path)
+    path = epath.Path(path)
     if not path.exists():
         return 0
     kept, dropped = [], 0
@@ -196,10 +212,144 @@ def trim_metrics(path: str | Path, last_step: int) -> int:
             dropped += 1
         else:
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.parent / (path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     tmp.replace(path)
     return dropped
+
+
+# Failures that prove a finalized checkpoint damaged: its files are missing, truncated or undecodable
+# (tensorstore's status codes, and Python's for the JSON parts). Anything else - an OSError such as EIO
+# or EACCES, UNAVAILABLE, DEADLINE_EXCEEDED, PERMISSION_DENIED, UNAUTHENTICATED, ... - says nothing about
+# the checkpoint's contents.
+_DAMAGE_CODES = re.compile(r"\b(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|INVALID_ARGUMENT|FAILED_PRECONDITION):")
+_TRANSIENT_CODES = re.compile(r"\b(UNAVAILABLE|DEADLINE_EXCEEDED|PERMISSION_DENIED|UNAUTHENTICATED|"
+                              r"RESOURCE_EXHAUSTED|ABORTED|CANCELLED|INTERNAL|UNKNOWN):")
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    while error is not None and error not in out:
+        out.append(error)
+        error = error.__cause__ or error.__context__
+    return out
+
+
+def is_damage(error: BaseException) -> bool:
+    """Whether a failure to restore a finalized checkpoint proves it damaged (so the run may fall back to
+    an older one). I/O, permission and network errors do not: the checkpoint may be good."""
+    chain = _chain(error)
+    if any(_TRANSIENT_CODES.search(str(e)) for e in chain):
+        return False
+    for e in chain:
+        if isinstance(e, (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError)):
+            return True
+        if isinstance(e, OSError):  # EIO, EACCES, ETIMEDOUT, ...: the storage, not the checkpoint
+            return False
+        if _DAMAGE_CODES.search(str(e)):
+            return True
+    return False
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300]
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint could not be read for a reason that says nothing about its contents; nothing changed."""
+
+    def __init__(self, path: epath.Path, error: BaseException):
+        self.path = path
+        super().__init__(
+            f"could not read checkpoint {path} ({type(error).__name__}: {_first_line(error)}). This looks like a "
+            "storage, permission or network problem, not a damaged checkpoint, so nothing was changed: fix the "
+            "access (or wait for the storage to recover) and run again. If you know this checkpoint is damaged, "
+            f"rename it (e.g. to {path.name}.damaged) and run again to resume from the one before it.")
+
+
+class Resumed(NamedTuple):
+    """Where a run resumes: the step, the restored state and the checkpoint's extras."""
+
+    step: int
+    state: Any
+    extras: dict[str, Any]
+    source: epath.Path  # the step directory restored
+
+
+def _source(checkpointer: Checkpointer, resume_from: str | None) -> tuple[Checkpointer, int | None]:
+    """The checkpointer to resume from and the step asked for: `resume_from` names a step directory, a
+    checkpoints directory or a run directory (its latest step); None means the run's own directory."""
+    if resume_from is None:
+        return checkpointer, None
+    path = epath.Path(resume_from)
+    if (path / "extras").is_dir() and path.name.isdigit():
+        return Checkpointer(path.parent, CheckpointConfig(async_save=False)), int(path.name)
+    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not directory.is_dir():
+        raise FileNotFoundError(f"--resume_from {str(path)!r} does not exist; pass a checkpoint step directory "
+                                "(RUN_DIR/checkpoints/STEP) or a run directory")
+    source = Checkpointer(directory, CheckpointConfig(async_save=False))
+    if not source.steps():
+        raise FileNotFoundError(f"--resume_from {str(path)!r} holds no complete checkpoint")
+    return source, None
+
+
+def resume(checkpointer: Checkpointer, abstract_state: Any, config: Mapping[str, Any], fields: Iterable[str], *,
+           resume_from: str | None = None, metrics_path: str | os.PathLike | None = None) -> Resumed | None:
+    """Restores the state a run continues from, or returns None for a fresh run.
+
+    Finds the checkpoint (`resume_from`, else the newest in `checkpointer`'s directory), refuses a config
+    whose `fields` differ from the checkpoint's (before reading any array), restores it onto
+    `abstract_state`'s shardings (falling back past provably damaged ones), sets aside the checkpoints
+    after the restored step (so the resumed run can write those steps again) and trims `metrics_path` of
+    the lines written after it. The data-loader position is `extras["loader"]`.
+
+    Raises:
+      ValueError: the config changed a field of `fields`, or no checkpoint restores.
+      FileNotFoundError: `resume_from` names nothing usable.
+      CheckpointReadError: a checkpoint could not be read for a reason other than damage; nothing changed.
+    """
+    fields = list(fields)
+    source, wanted = _source(checkpointer, resume_from)
+    try:
+        steps = source.steps()
+        if not steps:
+            return None
+        newest = wanted if wanted is not None else steps[-1]
+        try:  # before restoring, so that a changed shape is refused rather than read as damage
+            saved = read_extras(source.directory / str(newest))["config"]
+        except Exception as error:
+            if not is_damage(error):
+                raise CheckpointReadError(source.directory / str(newest), error) from error
+            saved = None  # damaged: restoring falls back past it, with a warning
+        if saved is not None:
+            check_resumable(saved, config, fields)
+        if wanted is not None:
+            try:
+                restored = (wanted, *source.restore(wanted, abstract_state))
+            except Exception as error:
+                if not is_damage(error):
+                    raise CheckpointReadError(source.directory / str(wanted), error) from error
+                raise ValueError(f"checkpoint {source.directory / str(wanted)} is damaged ({_first_line(error)}); "
+                                 "pass another --resume_from") from error
+        else:
+            restored = source.restore_latest(abstract_state)
+            if restored is None:
+                raise ValueError(f"none of the checkpoints in {source.directory} ({', '.join(map(str, steps))}) "
+                                 "could be restored (see the warnings above); move them away or use another "
+                                 "--run_dir")
+    finally:
+        if source is not checkpointer:
+            source.close()
+    step, state, extras = restored
+    check_resumable(extras["config"], config, fields)
+    logger.info("resuming from %s/%d", source.directory, step)
+    checkpointer.set_aside_after(step)
+    if metrics_path is not None and jax.process_index() == 0:
+        dropped = trim_metrics(metrics_path, step)
+        if dropped:
+            logger.info("dropped %d metrics line(s) written after step %d", dropped, step)
+    return Resumed(step, state, extras, source.directory / str(step))
 
 
 class PreemptionGuard:
