@@ -29,14 +29,14 @@ from jax.sharding import Mesh
 from trainer.config import TrainConfig, load_config
 from trainer.model import num_params
 from trainer.sharding import MESH_AXES, make_mesh
-from trainer.train import Trainer
+from trainer.steps import Trainer
 
 GIB = 2**30
 V3_HBM_GIB = 15.48  # per core, as the TPU v3 compiler reports it (16 GiB nominal)
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 NEOX_VOCAB = 50277
 # The comparison run: AdamW with its default betas (memory does not depend on them).
-ADAMW = ["--optimizer.type", "adamw", "--optimizer.b1", "null", "--optimizer.b2", "null", "--optimizer.eps", "null"]
+ADAMW = ["--optimizer.type", "adamw"]
 
 
 @dataclasses.dataclass

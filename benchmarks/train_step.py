@@ -3,10 +3,10 @@ Hessian estimator: its own compiled `hessian_step` (hessian_mode 'separate') or 
 train step ('cond').
 
 All variants run in one process on the same GPT-NeoX, mesh and synthetic batches, interleaved round by
-round. A round times one full cycle of k = update_interval steps back to back (k train steps, plus the
-Hessian step after the k-th for 'separate'), so a cycle's time per step is the amortized cost the issue's
-goal is about (<= 5% over AdamW at k = 10). Also timed alone: a plain Sophia step, the Hessian step, and
-the 'cond' step with the branch taken. Medians over rounds. Memory: XLA's compiled memory analysis of
+round, every step taken through `Trainer.step` (the training loop's own dispatch). A round times one full
+cycle of k = update_interval steps back to back (k train steps, plus the Hessian step after the k-th for
+'separate'), so a cycle's time per step is the amortized cost (the goal: <= 5% over AdamW at k = 10).
+Also timed: the k - 1 plain steps of a cycle, and its refresh step alone. Medians over rounds. Memory: XLA's compiled memory analysis of
 each program (arguments, temporaries, and the bound they give; benchmarks/tpu_fit.py has TPU peaks).
 
     python benchmarks/train_step.py [--config configs/neox_tiny.yaml] [--rounds 7] [--dotted.key VALUE ...]
@@ -25,15 +25,19 @@ import numpy as np
 from trainer.config import load_config
 from trainer.model import flops_per_token, num_params
 from trainer.sharding import make_mesh
-from trainer.train import Trainer
+from trainer.optim import OPTIMIZERS
+from trainer.steps import Batch, Trainer
 
 GIB = 2**30
 
 
 def build(config, optimizer: str, mode: str = "separate") -> Trainer:
-    opt = dataclasses.replace(config.optimizer, type=optimizer, hessian_mode=mode)
-    if optimizer == "adamw":
-        opt = dataclasses.replace(opt, b1=0.9, b2=0.95, eps=1e-8)
+    if optimizer == "sophia_g":
+        opt = dataclasses.replace(config.optimizer, hessian_mode=mode)
+    else:  # AdamW with its own defaults and the config's schedule
+        shared = {f.name: getattr(config.optimizer, f.name) for f in dataclasses.fields(OPTIMIZERS[optimizer])
+                  if f.name != "type" and hasattr(config.optimizer, f.name) and f.name not in ("b1", "b2", "eps")}
+        opt = OPTIMIZERS[optimizer](**shared)
     config = dataclasses.replace(config, optimizer=opt)
     return Trainer(config, make_mesh(config.mesh))
 
@@ -48,64 +52,32 @@ def memory(trainer: Trainer, which: str) -> dict[str, float]:
 
 
 class Variant:
-    """One trainer and its state; `cycle()` runs k steps the way the training loop does."""
+    """One trainer and its state, stepped through `Trainer.step` (the loop's own dispatch) with a host-side
+    step count; a cycle is k steps, the k-th refreshing Sophia's h."""
 
-    def __init__(self, name: str, trainer: Trainer, batches: list, hessian_batch):
-        self.name, self.trainer, self.batches, self.hessian_batch = name, trainer, batches, hessian_batch
-        self.state = trainer.init_state()
+    def __init__(self, name: str, trainer: Trainer, batches: list, hessian_batch, k: int):
+        self.name, self.trainer, self.batches, self.hessian_batch, self.k = name, trainer, batches, hessian_batch, k
+        self.state, self.n = trainer.init_state(), 0
 
-    def step(self, i: int, hessian: bool) -> None:
-        t = self.trainer
-        batch = self.batches[i % len(self.batches)]
-        if t.cond_mode:
-            self.state, _ = t.train_step(self.state, batch, self.hessian_batch)
-        else:
-            self.state, _ = t.train_step(self.state, batch)
-            if hessian and t.sophia:
-                self.state, _ = t.hessian_step(self.state, self.hessian_batch)
+    def take(self, i: int = 0) -> None:
+        """Takes the next step on batch i."""
+        self.n += 1
+        self.state, _ = self.trainer.step(self.state, Batch(self.batches[i % len(self.batches)], self.hessian_batch),
+                                          self.n)
 
-    def cycle(self) -> float:
-        """Seconds per step over one cycle of k steps (steps k, 2k, ... refresh h), run back to back."""
-        t, k = self.trainer, self.trainer.k
+    def timed(self, steps: int) -> float:
+        """Seconds per step over `steps` steps run back to back."""
+        jax.block_until_ready(self.state.step)
         start = time.perf_counter()
-        count = int(self.state.step)  # blocks: the previous cycle is done
-        for i in range(k):
-            self.step(i, hessian=t.hessian_due(count + i + 1))
+        for i in range(steps):
+            self.take(i)
         jax.block_until_ready(self.state.step)
-        return (time.perf_counter() - start) / k
+        return (time.perf_counter() - start) / steps
 
-    def align(self) -> None:
-        """Runs single steps until the next cycle starts right after a Hessian refresh."""
-        while int(self.state.step) % self.trainer.k:
-            self.step(0, hessian=self.trainer.hessian_due(int(self.state.step) + 1))
-        jax.block_until_ready(self.state.step)
-
-
-def time_plain(variant: Variant, n: int) -> float:
-    """Seconds per plain train step (no Hessian work), n steps back to back."""
-    start = time.perf_counter()
-    for i in range(n):
-        variant.step(i, hessian=False)
-    jax.block_until_ready(variant.state.step)
-    return (time.perf_counter() - start) / n
-
-
-def time_hessian(variant: Variant) -> float:
-    """Seconds of the Hessian work of one refresh: the hessian_step ('separate'), or the whole train step
-    whose lax.cond takes the estimator branch ('cond', timed on a step k, 2k, ...)."""
-    t = variant.trainer
-    if t.cond_mode:
-        variant.align()
-        for j in range(t.k - 1):
-            variant.step(j, hessian=False)
-        jax.block_until_ready(variant.state.step)
-    start = time.perf_counter()
-    if t.cond_mode:
-        variant.step(0, hessian=True)
-    else:
-        variant.state, _ = t.hessian_step(variant.state, variant.hessian_batch)
-    jax.block_until_ready(variant.state.step)
-    return time.perf_counter() - start
+    def align(self, offset: int = 0) -> None:
+        """Takes steps until the next one is a cycle's (offset + 1)-th (offset k - 1: a refresh step)."""
+        while self.n % self.k != offset:
+            self.take()
 
 
 def main() -> None:
@@ -123,26 +95,26 @@ def main() -> None:
         return jax.device_put(tokens, sharding)
 
     variants = []
+    k = c.optimizer.update_interval
     for label, optimizer, mode in [("adamw", "adamw", "separate"), ("sophia_g separate", "sophia_g", "separate"),
                                    ("sophia_g cond", "sophia_g", "cond")]:
         trainer = build(c, optimizer, mode)
         batches = [batch(c.trainer.global_batch, trainer.batch_sharding) for _ in range(2)]
-        variants.append(Variant(label, trainer, batches, batch(trainer.hessian_batch, trainer.batch_sharding)))
-    k = variants[0].trainer.k
-    for v in variants:  # compile every program and start each on a cycle boundary
-        v.cycle()
+        hessian = batch(trainer.hessian_batch, trainer.batch_sharding) if trainer.sophia else None
+        variants.append(Variant(label, trainer, batches, hessian, k))
+    for v in variants:  # compile every program (two cycles) and start each on a cycle boundary
+        v.timed(2 * k)
         v.align()
-        v.cycle()
 
     cycles = {v.name: [] for v in variants}
     plain = {v.name: [] for v in variants}
     with_hessian = {v.name: [] for v in variants[1:]}
     for _ in range(args.rounds):
         for v in variants:
-            cycles[v.name].append(v.cycle())
-            plain[v.name].append(time_plain(v, n=k - 1))  # from a cycle boundary: no refresh among them
-            if v.name in with_hessian:
-                with_hessian[v.name].append(time_hessian(v))
+            cycles[v.name].append(v.timed(k))  # a whole cycle: k - 1 plain steps and a refresh step
+            plain[v.name].append(v.timed(k - 1))  # from a cycle boundary: no refresh among them
+            if v.name in with_hessian:  # the refresh step alone: train step + Hessian step, or the cond step
+                with_hessian[v.name].append(v.timed(1))
             v.align()
 
     med = {name: statistics.median(times) for name, times in cycles.items()}
@@ -154,8 +126,8 @@ def main() -> None:
           f"{device.device_kind}, mesh {dict(variants[0].trainer.mesh.shape)}, {args.rounds} rounds (medians)")
     print(f"# {flops_per_token(c.model) * tokens / 1e9:.1f} GFLOP per train step (6N + attention)")
     print()
-    print("| variant | step, amortized over k (ms) | vs adamw | plain step (ms) | Hessian step / cond step "
-          "with estimator (ms) | tokens/s |")
+    print("| variant | step, amortized over k (ms) | vs adamw | plain step (ms) | refresh step: train + Hessian "
+          "/ cond with estimator (ms) | tokens/s |")
     print("|---|---|---|---|---|---|")
     for v in variants:
         hess = f"{1e3 * statistics.median(with_hessian[v.name]):.1f}" if v.name in with_hessian else "-"

@@ -35,7 +35,7 @@ def test_paper_steps_fit_a_v3_core(monkeypatch, name, step, mesh_shape):
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "localhost")
     tpu_fit = load_script(monkeypatch)
     from trainer.config import load_config
-    from trainer.train import Trainer
+    from trainer.steps import Trainer
 
     config, _ = load_config(["--config", str(tpu_fit.CONFIGS / f"{name}.yaml"),
                              "--model.vocab_size", str(tpu_fit.NEOX_VOCAB)])

@@ -2,6 +2,9 @@
 a short Sophia-G run, restore onto another mesh, config errors."""
 
 import dataclasses
+import json
+import re
+from pathlib import Path
 
 import equinox as eqx
 import haliax as hax
@@ -12,15 +15,18 @@ import pytest
 
 import sophia_jax
 from trainer.checkpoint import CheckpointConfig, Checkpointer
-from trainer.config import OptimizerConfig, TrainConfig, TrainerConfig, load_config
-from trainer.data import DataConfig
+from trainer.config import TrainConfig, TrainerConfig, load_config
+from trainer.data.config import DataConfig
+from trainer.data.corpus import EmbeddedCorpus
 from trainer.model import ModelConfig, loss_fn
+from trainer.optim import OPTIMIZERS, SophiaGConfig
 from trainer.sharding import MeshConfig, make_mesh
-from trainer.train import Trainer, main, setup, run_loop
+from trainer.steps import Batch, Trainer
+from trainer.train import main, run_loop, setup
 
 # heads 4, mlp 128 and vocab 256 divide a model axis of 2; a batch of 16 divides data*fsdp up to 8.
 MODEL = ModelConfig(vocab_size=250, seq_len=16, hidden_dim=32, num_layers=2, num_heads=4, compute_dtype="float32")
-OPT = OptimizerConfig(type="sophia_g", learning_rate=3e-3, warmup=0, update_interval=2, hessian_batch_fraction=0.5)
+OPT = SophiaGConfig(learning_rate=3e-3, warmup=0, update_interval=2, hessian_batch_fraction=0.5)
 CONFIG = TrainConfig(model=MODEL, optimizer=OPT, trainer=TrainerConfig(num_train_steps=4, global_batch=16))
 
 
@@ -41,11 +47,14 @@ def run_steps(trainer: Trainer, steps: int, state=None):
     train, hess = batches(steps), batches(steps, batch=trainer.hessian_batch, seed=1)
     losses = []
     for i in range(steps):
-        state, metrics = trainer.train_step(state, jax.device_put(train[i], trainer.batch_sharding))
-        if trainer.hessian_due(i + 1):
-            state, _ = trainer.hessian_step(state, jax.device_put(hess[i], trainer.batch_sharding))
+        state, metrics = trainer.step(state, batch_on(trainer, train[i], hess[i]), i + 1)
         losses.append(float(metrics["train/loss"]))
     return state, losses
+
+
+def batch_on(trainer: Trainer, tokens: np.ndarray, hessian_tokens: np.ndarray | None = None) -> Batch:
+    put = lambda x: None if x is None else jax.device_put(x, trainer.batch_sharding)  # noqa: E731
+    return Batch(put(tokens), put(hessian_tokens))
 
 
 def sophia_state(opt_state) -> sophia_jax.SophiaState:
@@ -94,7 +103,8 @@ def test_microbatched_hessian_step_sharded_equals_one_device():
     for mesh in [(1, 1, 1), (2, 2, 2)]:
         trainer = trainer_on(config, mesh)
         batch = jax.device_put(batches(1, batch=trainer.hessian_batch, seed=5)[0], trainer.batch_sharding)
-        state, metrics = trainer.hessian_step(trainer.init_state(), batch)
+        with trainer._context():
+            state, metrics = trainer._hessian_jit(trainer.init_state(), batch)
         assert int(metrics["optim/hessian_updates"]) == 1
         hs.append(without_key_bias(sophia_state(state.opt_state).h)[0])
     for a, b in zip(leaves(hs[1]), leaves(hs[0])):
@@ -146,26 +156,67 @@ def test_gradient_accumulation_equals_one_big_batch():
         np.testing.assert_allclose(a, b, atol=2e-6 * np.abs(b).max(), rtol=1e-4)
     # And a whole train step matches the one-microbatch step.
     one = trainer_on(CONFIG, (2, 2, 1))
-    s4, m4 = trainer.train_step(trainer.init_state(), jax.device_put(batch, trainer.batch_sharding))
-    s1, m1 = one.train_step(one.init_state(), jax.device_put(batch, one.batch_sharding))
+    s4, m4 = trainer.step(trainer.init_state(), batch_on(trainer, batch), 1)
+    s1, m1 = one.step(one.init_state(), batch_on(one, batch), 1)
     np.testing.assert_allclose(m4["optim/grad_norm"], m1["optim/grad_norm"], rtol=1e-5)
     for a, b in zip(leaves(s4.opt_state), leaves(s1.opt_state)):
         np.testing.assert_allclose(a, b, atol=2e-6 * np.abs(b).max(), rtol=1e-4)
 
 
-def test_non_finite_gradient_skips_the_step_and_keeps_state_clean():
+def poison(params):
+    """params with the final LayerNorm's bias NaN (every gradient becomes NaN), and that bias unpoisoned."""
+    bias = params.ln_f.bias
+    return eqx.tree_at(lambda m: m.ln_f.bias, params, bias * jnp.nan), jax.tree.map(jnp.copy, bias)
+
+
+def counts(opt_state) -> dict[str, int]:
+    """Every step counter inside the optimizer state (the schedule's, Sophia's / Adam's), by path."""
+    return {jax.tree_util.keystr(path): int(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(opt_state)
+            if jax.tree_util.keystr(path).endswith(".count")}
+
+
+def test_non_finite_gradient_drops_the_update_and_keeps_params_and_moments():
     trainer = trainer_on(CONFIG, (1, 1, 1))
     state, _ = run_steps(trainer, 2)
-    before = leaves((state.params, state.opt_state))
-    poisoned = jax.tree.map(lambda x: x, state)
-    poisoned = poisoned._replace(params=dataclasses.replace(
-        poisoned.params, ln_f=dataclasses.replace(poisoned.params.ln_f,
-                                                  bias=poisoned.params.ln_f.bias * jnp.nan)))
-    # A NaN parameter makes every gradient NaN: the step must keep the old params (incl. the NaN) and m, h.
-    after, metrics = trainer.train_step(poisoned, jax.device_put(batches(1)[0], trainer.batch_sharding))
+    params, clean_bias = poison(state.params)
+    before = sophia_state(state.opt_state)
+    mu, h = leaves(before.mu), leaves(before.h)
+    # A NaN parameter makes every gradient NaN: the step keeps the old params (incl. the NaN) and m, h.
+    after, metrics = trainer.step(state._replace(params=params), batch_on(trainer, batches(1)[0]), 3)
     assert int(metrics["optim/skipped_steps"]) == 1 and int(after.step) == 3
-    for a, b in zip(leaves(after.opt_state), before[len(leaves(state.params)):]):
+    assert np.isnan(np.asarray(after.params.ln_f.bias.array)).all()
+    for a, b in zip(leaves(sophia_state(after.opt_state).mu) + leaves(sophia_state(after.opt_state).h), mu + h):
         np.testing.assert_array_equal(a, b)
+    assert set(counts(after.opt_state).values()) == {3}
+
+
+@pytest.mark.parametrize("mode", ["separate", "cond"])
+def test_a_skipped_step_keeps_every_counter_on_the_step_and_logs_the_applied_lr(mode):
+    """After a skipped step the schedule, Sophia's k-cadence and the loop agree: the logged lr is the one
+    the next steps apply, and h is refreshed on steps k, 2k (not one step late)."""
+    config = dataclasses.replace(CONFIG, optimizer=dataclasses.replace(OPT, warmup=8, update_interval=5,
+                                                                      hessian_mode=mode))
+    trainer = trainer_on(config, (1, 1, 1))
+    train, hess = batches(10), batches(10, batch=trainer.hessian_batch, seed=1)
+    state, updates = trainer.init_state(), []
+    for step in range(1, 11):
+        if step == 3:
+            params, clean_bias = poison(state.params)
+            state = state._replace(params=params)
+        bias = np.asarray(state.params.ln_f.bias.array)
+        state, metrics = trainer.step(state, batch_on(trainer, train[step - 1], hess[step - 1]), step)
+        if step == 3:
+            state = state._replace(params=eqx.tree_at(lambda m: m.ln_f.bias, state.params, clean_bias))
+        updates.append(int(metrics["optim/hessian_updates"]))
+        if step < 5 and step != 3:
+            # h = 0 before the first refresh, so an unclipped coordinate does not exist: a bias (not decayed)
+            # moves by exactly the learning rate applied.
+            moved = np.abs(np.asarray(state.params.ln_f.bias.array) - bias)
+            np.testing.assert_allclose(moved, float(metrics["lr"]), rtol=1e-4)
+            assert float(metrics["lr"]) == pytest.approx(float(trainer.schedule(step - 1)))
+    assert int(metrics["optim/skipped_steps"]) == 1
+    assert updates == [0, 0, 0, 0, 1, 1, 1, 1, 1, 2]  # refreshed on steps 5 and 10
+    assert int(state.step) == 10 and set(counts(state.opt_state).values()) == {10}
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +230,8 @@ def tiny_run(tmp_path, corpus_dir, **optimizer) -> TrainConfig:
         optimizer=dataclasses.replace(OPT, learning_rate=3e-3, warmup=3, update_interval=10, **optimizer),
         trainer=TrainerConfig(num_train_steps=40, global_batch=16, log_every=1, eval_every=40, eval_batches=2,
                               progress=False),
-        data=DataConfig(embedded_vocab_size=512, embedded_max_bytes=400_000, embedded_dir=corpus_dir, prefetch=1),
+        data=DataConfig(embedded=EmbeddedCorpus(vocab_size=512, max_bytes=400_000), embedded_dir=corpus_dir,
+                        prefetch=1),
         checkpoint=CheckpointConfig(every_steps=None, every_minutes=None),
         run_dir=str(tmp_path / "run"),
     )
@@ -188,16 +240,9 @@ def tiny_run(tmp_path, corpus_dir, **optimizer) -> TrainConfig:
 @pytest.mark.parametrize("mode", ["separate", "cond"])
 def test_short_sophia_run_learns_and_refreshes_h_exactly_on_steps_k_2k(tmp_path, corpus_dir, mode):
     config = tiny_run(tmp_path, corpus_dir, hessian_mode=mode)
-    run = setup(config)
-    calls = []
-    if mode == "separate":
-        original = run.trainer.hessian_step
-        run.trainer.hessian_step = lambda state, batch: (calls.append(int(state.step)), original(state, batch))[1]
-    run_loop(run)
+    run_loop(setup(config))
     records = [eval(line.replace("null", "None")) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [r["step"] for r in records] == list(range(1, 41))
-    if mode == "separate":
-        assert calls == [10, 20, 30, 40]  # after the train steps k, 2k, ... (the official loop's order)
     # h_t changes exactly when it is refreshed: after steps 10, 20, 30, 40 and at no other step.
     assert [r["optim/hessian_updates"] for r in records] == [s // 10 for s in range(1, 41)]
     norms = [r["optim/hessian_norm"] for r in records]
@@ -212,12 +257,14 @@ def test_short_sophia_run_learns_and_refreshes_h_exactly_on_steps_k_2k(tmp_path,
 @pytest.mark.parametrize("optimizer", ["adamw", "lion"])
 def test_baselines_run_through_the_same_config(tmp_path, corpus_dir, optimizer):
     config = tiny_run(tmp_path, corpus_dir)
-    config = dataclasses.replace(config, optimizer=dataclasses.replace(
-        config.optimizer, type=optimizer, learning_rate=3e-3 if optimizer == "adamw" else 3e-4),
+    config = dataclasses.replace(config, optimizer=OPTIMIZERS[optimizer](
+        learning_rate=3e-3 if optimizer == "adamw" else 3e-4, weight_decay=0.2, warmup=3),
         trainer=dataclasses.replace(config.trainer, num_train_steps=20))
-    record = run_loop(setup(config))
+    run = setup(config)
+    initial = float(run.trainer.eval_loss(run.state.params, run.eval_batches))
+    record = run_loop(run)
     assert "optim/win_rate" not in record
-    assert record["eval/loss"] < 6.0  # from ln(512) = 6.24 at init
+    assert record["eval/loss"] < initial - 0.2, (initial, record["eval/loss"])
 
 
 def test_restore_onto_another_mesh_gives_the_same_params_and_continues(tmp_path):
@@ -234,8 +281,8 @@ def test_restore_onto_another_mesh_gives_the_same_params_and_continues(tmp_path)
     up, restored_up = state.params.layers.stacked.mlp.up.weight.array, restored.params.layers.stacked.mlp.up.weight.array
     assert restored_up.sharding.shard_shape(up.shape) == (2, 64, 16) != up.sharding.shard_shape(up.shape)
     batch = batches(3)[2]
-    a, ma = saved_on.train_step(state, jax.device_put(batch, saved_on.batch_sharding))
-    b, mb = restored_on.train_step(restored, jax.device_put(batch, restored_on.batch_sharding))
+    a, ma = saved_on.step(state, batch_on(saved_on, batch), 3)
+    b, mb = restored_on.step(restored, batch_on(restored_on, batch), 3)
     np.testing.assert_allclose(ma["train/loss"], mb["train/loss"], rtol=1e-6)
     assert_params_close(b.params, a.params, steps=1)
 
@@ -248,6 +295,45 @@ def test_unknown_config_key_is_named():
         load_config(["--modle.hidden_dim", "8"])
     config, name = load_config(["--optimizer.rho", "0.07", "--mesh.fsdp=2", "--seed", "3"])
     assert (config.optimizer.rho, config.mesh.fsdp, config.seed, name) == (0.07, 2, 3, "neox_tiny")
+
+
+def test_config_values_of_the_wrong_type_or_range_are_refused():
+    for argv, message in [
+        (["--trainer.num_train_steps", "true"], "trainer.num_train_steps=True: expected an integer"),
+        (["--optimizer.rho", "abc"], "optimizer.rho='abc': expected a number"),
+        (["--model.compute_dtype", "float16"], "model.compute_dtype='float16'; use 'bfloat16' or 'float32'"),
+        (["--optimizer.learning_rate", "-1"], "optimizer.learning_rate=-1.0; use a positive learning rate"),
+        (["--optimizer.b2", "1.0"], "optimizer.b2=1.0; use an EMA rate in [0, 1)"),
+        (["--optimizer.rho", "0"], "optimizer.rho=0.0; use a positive rho"),
+        (["--optimizer.eps", "-1e-8"], "optimizer.eps=-1e-08; use a value >= 0"),
+        (["--optimizer.weight_decay", "-0.1"], "optimizer.weight_decay=-0.1; use a value >= 0"),
+        (["--optimizer.update_interval", "0"], "optimizer.update_interval=0; use k >= 1"),
+        (["--optimizer.hessian_batch_fraction", "1.5"], "hessian_batch_fraction=1.5; use a fraction in (0, 1]"),
+        (["--optimizer.type", "adamw", "--optimizer.rho", "0.1"], "unknown config key(s): optimizer.rho"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_config(argv)
+
+
+def test_switching_optimizer_type_keeps_the_schedule_and_takes_the_new_defaults():
+    config, _ = load_config(["--optimizer.type", "adamw"])
+    assert (config.optimizer.b1, config.optimizer.b2, config.optimizer.eps) == (0.9, 0.95, 1e-8)
+    assert config.optimizer.learning_rate == 2e-3  # neox_tiny's, kept
+    config, _ = load_config(["--config", "configs/neox_125m_adamw.yaml"])
+    assert config.optimizer.type == "adamw" and config.optimizer.weight_decay == 0.1
+    assert config.optimizer.warmup == 2000  # from neox_125m.yaml through gpt2_small.yaml
+    for path in sorted(Path("configs").glob("*.yaml")):  # every shipped config loads
+        load_config(["--config", str(path)])
+
+
+def test_help_lists_every_key_with_its_value_and_doc(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--optimizer.rho FLOAT  (now: 0.05)" in out and "tune so optim/win_rate stays" in out
+    assert "--trainer.eval_batch_size INT|null  (now: null)" in out
+    assert "with --optimizer.type adamw" in out and "--data.embedded.vocab_size INT" in out
+    assert main(["-h", "--optimizer.type", "lion"]) == 0
+    assert "--optimizer.type STR  (now: lion)" in capsys.readouterr().out
 
 
 def test_mesh_that_does_not_divide_the_devices():
@@ -267,4 +353,36 @@ def test_cli_reports_config_errors_and_exits_2(capsys):
     assert main(["--optimizer.type", "sgd"]) == 2
     assert "optimizer.type='sgd'; use one of sophia_g, adamw, lion" in capsys.readouterr().err
     assert main(["--mesh.data", "3"]) == 2
-    assert "does not divide 8 devices" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not divide 8 devices" in err
+    assert "Unable to initialize backend" not in err and len(err.strip().splitlines()) == 1  # only our line
+
+
+def write_cache(root, splits: dict[str, np.ndarray], vocab_size: int) -> str:
+    """A token cache written by hand from the documented format (trainer/data/format.py)."""
+    (root / "shards").mkdir(parents=True)
+    index = {"format": "sophia-jax-token-cache", "version": 1, "dtype": "uint16", "vocab_size": vocab_size,
+             "eos_id": 0, "tokenizer": "tokenizer.json", "splits": {}}
+    for split, tokens in splits.items():
+        tokens.astype(np.uint16).tofile(root / "shards" / f"{split}.bin")
+        index["splits"][split] = {"num_tokens": int(tokens.size), "num_documents": 1, "shards": [
+            {"path": f"shards/{split}.bin", "num_tokens": int(tokens.size), "num_documents": 1}]}
+    (root / "tokenizer.json").write_text("{}")
+    (root / "index.json").write_text(json.dumps(index))
+    return str(root)
+
+
+def test_evaluation_covers_a_validation_split_smaller_than_one_train_batch(tmp_path):
+    seq, rng = MODEL.seq_len, np.random.default_rng(7)
+    val = rng.integers(0, 250, 5 * seq + 1)  # 5 sequences, against a train batch of 16
+    cache = write_cache(tmp_path / "cache", {"train": rng.integers(0, 250, 64 * seq + 1), "validation": val}, 250)
+    config = dataclasses.replace(CONFIG, data=DataConfig(cache=cache), run_dir=str(tmp_path / "run"),
+                                 mesh=MeshConfig(data=2, fsdp=4), checkpoint=CheckpointConfig(every_steps=None))
+    run = setup(config)
+    assert run.eval_batches.num_sequences == 5 and len(run.eval_batches) == 1
+    got = float(run.trainer.eval_loss(run.state.params, run.eval_batches))
+    tokens = np.stack([val[i * seq: i * seq + seq + 1] for i in range(5)]).astype(np.int32)
+    want = float(loss_fn(jax.device_get(run.state.params), jnp.asarray(tokens)))  # the mean over all 5, unsharded
+    assert got == pytest.approx(want, rel=1e-5)
+    run.checkpointer.close()
+    run.loader.close()

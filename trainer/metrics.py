@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import secrets
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 __all__ = ["MetricsWriter", "peak_flops"]
 
@@ -57,12 +58,12 @@ class MetricsWriter:
     """Appends one JSON object per logged step (with a `step` key) to metrics.jsonl; mirrors to wandb and
     a tqdm bar. Only process 0 writes."""
 
-    def __init__(self, run_dir: str | Path, *, config: dict[str, Any], total_steps: int, start_step: int = 0,
+    def __init__(self, run_dir: str | os.PathLike, *, config: dict[str, Any], total_steps: int, start_step: int = 0,
                  wandb_mode: str = "disabled", wandb_project: str = "sophia-jax", name: str | None = None,
                  tags: list[str] | None = None, progress: bool = True):
         self.enabled = jax.process_index() == 0
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self._file = open(self.path, "a") if self.enabled else None
+        self.path = epath.Path(run_dir) / "metrics.jsonl"
+        self._file = self.path.open("a") if self.enabled else None
         self._bar = None
         if self.enabled and progress:
             from tqdm.auto import tqdm
@@ -73,7 +74,7 @@ class MetricsWriter:
             import wandb
 
             # One wandb run per run directory: a resumed run continues the same id (and its charts).
-            id_file = Path(run_dir) / "wandb_id"
+            id_file = epath.Path(run_dir) / "wandb_id"
             run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
             id_file.write_text(run_id)
             self._wandb = wandb.init(project=wandb_project, name=name, dir=str(run_dir), config=config,
