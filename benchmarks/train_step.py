@@ -7,7 +7,7 @@ round. A round times one full cycle of k = update_interval steps back to back (k
 Hessian step after the k-th for 'separate'), so a cycle's time per step is the amortized cost the issue's
 goal is about (<= 5% over AdamW at k = 10). Also timed alone: a plain Sophia step, the Hessian step, and
 the 'cond' step with the branch taken. Medians over rounds. Memory: XLA's compiled memory analysis of
-each program (arguments, temporaries, and the bound they give; benchmarks/tpu_fit.py has TPU peaks).
+each program (arguments, temporaries, and the bound they give; sophia-aot has TPU peaks).
 
     python benchmarks/train_step.py [--config configs/neox_tiny.yaml] [--rounds 7] [--dotted.key VALUE ...]
 """
