@@ -210,7 +210,7 @@ def _stage_config(spec: LaunchSpec) -> Path:
 def fit_check(gc: Gcloud, spec: LaunchSpec, accelerator_type: str) -> None:
     """`sophia-aot` for the slice's topology in a subprocess (its memory goes back when it exits)."""
     topology = SLICE_TOPOLOGY[accelerator_type]
-    log.info("checking that the run's steps fit a %s (%s) core: sophia-aot, a minute or two", accelerator_type,
+    log.info("checking that the run's steps fit a %s (%s) core: sophia-aot, a few minutes", accelerator_type,
              topology)
     try:
         gc.run([sys.executable, "-m", "trainer.aot", "--config", spec.config, "--topology", topology,
