@@ -6,8 +6,9 @@ All variants run in one process on the same GPT-NeoX, mesh and synthetic batches
 round, every step taken through `Trainer.step` (the training loop's own dispatch). A round times one full
 cycle of k = update_interval steps back to back (k train steps, plus the Hessian step after the k-th for
 'separate'), so a cycle's time per step is the amortized cost (the goal: <= 5% over AdamW at k = 10).
-Also timed: the k - 1 plain steps of a cycle, and its refresh step alone. Medians over rounds. Memory: XLA's compiled memory analysis of
-each program (arguments, temporaries, and the bound they give; benchmarks/tpu_fit.py has TPU peaks).
+Also timed: the k - 1 plain steps of a cycle, and its refresh step alone. Medians over rounds. Memory:
+XLA's compiled memory analysis of each program (arguments, temporaries, and the bound they give;
+sophia-aot has TPU peaks).
 
     python benchmarks/train_step.py [--config configs/neox_tiny.yaml] [--rounds 7] [--dotted.key VALUE ...]
 """

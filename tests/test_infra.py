@@ -1,0 +1,493 @@
+"""sophia-tpu (infra/): the gcloud command lines of every stage, against a fake gcloud (tests/fakes/gcloud)
+that records each call (argv and stdin apart) and plays scripted answers; the babysitter's decisions; and
+the bash that runs on the workers, run here by bash in a temporary HOME with a stand-in sophia-train.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from infra import remote
+from infra.babysit import job_verdict
+from infra.tpu import main
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKES = Path(__file__).resolve().parent / "fakes"
+CONFIG_1_5B = str(ROOT / "configs" / "neox_1_5b.yaml")
+CONFIG_6_6B = str(ROOT / "configs" / "neox_6_6b.yaml")
+ZONE = "us-zone1-a"
+SECRET = "s3cr3t-value"
+
+
+def tpu_vm(*args: str) -> list[str]:
+    """The argv gcloud must get (after "gcloud") for `gcloud compute tpus tpu-vm ARGS --zone ZONE`."""
+    return ["compute", "tpus", "tpu-vm", *args, "--zone", ZONE]
+
+
+DESCRIBE = tpu_vm("describe", "t1", "--format", "value(state)")
+
+
+def say(stdout: str = "", stderr: str = "", exit: int = 0) -> dict:
+    return {"stdout": stdout, "stderr": stderr, "exit": exit}
+
+
+def job(worker: int, state: str, code: str = "-", run: str = "r1") -> str:
+    """A worker's line of `sophia-tpu status` output on the VM."""
+    return f"sophia-job host=h{worker} worker={worker} run={run} state={state} code={code}\n"
+
+
+class Fake:
+    """The fake gcloud's files: its script, and what it recorded."""
+
+    def __init__(self, directory: Path):
+        self.log, self.stdin, self.script_file = (directory / "calls.jsonl", directory / "stdin.jsonl",
+                                                  directory / "script.json")
+        self.cache = directory / "cache" / "sophia-tpu"
+
+    def script(self, responses: dict) -> None:
+        self.script_file.write_text(json.dumps(responses))
+
+    def calls(self) -> list[list[str]]:
+        return [json.loads(line)["argv"] for line in self.log.read_text().splitlines()] if self.log.exists() else []
+
+    def stdins(self) -> list[str]:
+        records = [json.loads(line) for line in self.stdin.read_text().splitlines()]
+        return [r["stdin"] for r in sorted(records, key=lambda r: r["call"])]
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch) -> Fake:
+    f = Fake(tmp_path)
+    monkeypatch.setenv("PATH", f"{FAKES}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_GCLOUD_LOG", str(f.log))
+    monkeypatch.setenv("FAKE_GCLOUD_STDIN", str(f.stdin))
+    monkeypatch.setenv("FAKE_GCLOUD_SCRIPT", str(f.script_file))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    return f
+
+
+@pytest.fixture
+def repo(tmp_path) -> tuple[Path, str]:
+    """A git checkout with one committed file; (its path, HEAD)."""
+    path = tmp_path / "repo"
+    path.mkdir()
+    (path / "README.md").write_text("sophia\n")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(path), *args], check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    git("add", "README.md")
+    git("-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "init")
+    return path, git("rev-parse", "HEAD").strip()
+
+
+def sophia_tpu(capfd, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def bash_argv(line: str) -> list[str]:
+    """The argv bash runs for a printed command line (bash's own parser: an independent check)."""
+    out = subprocess.run(["bash", "-c", "printf '%s\\0' " + line], check=True, capture_output=True, text=True).stdout
+    return out.split("\0")[:-1]
+
+
+# ------------------------------------------------------------------------------------------ create
+def test_create_polls_describe_until_ready_and_logs_with_timestamps(fake, capfd):
+    fake.script({"describe": [say("CREATING\n"), say("CREATING\n"), say("READY\n")]})
+    code, out, err = sophia_tpu(capfd, "create", "t1", "--zone", ZONE, "--type", "v3-32", "--spot", "--poll", "0.001")
+    assert code == 0, err
+    assert fake.calls() == [tpu_vm("create", "t1", "--accelerator-type", "v3-32", "--version", "tpu-ubuntu2204-base",
+                                   "--spot"), DESCRIBE, DESCRIBE, DESCRIBE]
+    lines = err.splitlines()
+    assert len(lines) >= 3 and all(
+        len(x) > 20 and x[4] == "-" and x[13] == ":" and x[20:].startswith("sophia-tpu: ") for x in lines), err
+
+
+def test_create_reports_a_failed_state(fake, capfd):
+    fake.script({"describe": [say("CREATING\n"), say("FAILED\n")]})
+    code, out, err = sophia_tpu(capfd, "create", "t1", "--zone", ZONE, "--type", "v3-8", "--poll", "0.001")
+    assert code == 1
+    assert "sophia-tpu: TPU VM t1 is FAILED instead of READY" in err
+    assert len(fake.calls()) == 3
+
+
+def test_create_gives_up_after_the_timeout(fake, capfd):
+    fake.script({"describe": [say("CREATING\n")]})
+    code, out, err = sophia_tpu(capfd, "create", "t1", "--zone", ZONE, "--type", "v3-8", "--timeout", "0")
+    assert code == 1
+    assert "TPU VM t1 is still CREATING after 0 s (--timeout)" in err
+
+
+def test_a_failing_gcloud_stops_at_once_with_its_message(fake, capfd):
+    message = "ERROR: (gcloud.compute.tpus.tpu-vm.create) RESOURCE_EXHAUSTED: no more capacity in zone us-zone1-a"
+    fake.script({"create": [say(stderr=message + "\n", exit=1)]})
+    code, out, err = sophia_tpu(capfd, "create", "t1", "--zone", ZONE, "--type", "v3-128", "--preemptible",
+                                "--project", "proj")
+    assert code == 1
+    assert err.count(message) == 2  # as gcloud printed it, and in sophia-tpu's own last line
+    assert err.splitlines()[-1].startswith("sophia-tpu: gcloud compute tpus tpu-vm create")
+    assert fake.calls() == [["compute", "tpus", "tpu-vm", "create", "t1", "--accelerator-type", "v3-128", "--version",
+                             "tpu-ubuntu2204-base", "--preemptible", "--zone", ZONE, "--project", "proj"]]
+
+
+# ------------------------------------------------------------------------------ setup and launch
+def test_setup_copies_an_archive_of_head_and_installs_it_on_every_worker(fake, repo, capfd):
+    path, commit = repo
+    code, out, err = sophia_tpu(capfd, "setup", "t1", "--zone", ZONE, "--repo", str(path))
+    assert code == 0, err
+    archive = f"sophia-jax-{commit[:12]}.tar.gz"
+    scp, ssh = fake.calls()
+    assert scp == tpu_vm("scp", str(fake.cache / archive), f"t1:{archive}", "--worker=all", "--quiet")
+    assert ssh[:9] == ["compute", "tpus", "tpu-vm", "ssh", "t1", "--worker=all", "--quiet", "--command",
+                       remote.setup_script(commit, archive, "python3.11")]
+    with tarfile.open(fake.cache / archive) as tar:
+        assert tar.extractfile("README.md").read() == b"sophia\n"
+
+
+def test_setup_refuses_uncommitted_changes_unless_allowed(fake, repo, capfd):
+    path, commit = repo
+    (path / "README.md").write_text("changed\n")
+    code, out, err = sophia_tpu(capfd, "setup", "t1", "--zone", ZONE, "--repo", str(path))
+    assert code == 2
+    assert "has uncommitted changes (README.md); commit them, or pass --allow-dirty" in err
+    assert fake.calls() == []
+    code, out, err = sophia_tpu(capfd, "setup", "t1", "--zone", ZONE, "--repo", str(path), "--allow-dirty")
+    assert code == 0, err
+    with tarfile.open(fake.cache / f"sophia-jax-{commit[:12]}.tar.gz") as tar:  # HEAD, without the change
+        assert tar.extractfile("README.md").read() == b"sophia\n"
+
+
+def test_launch_feeds_the_secret_on_each_workers_stdin_only(fake, capfd, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    code, out, err = sophia_tpu(capfd, "launch", "t1", "--zone", ZONE, "--type", "v3-32", "--config", CONFIG_6_6B,
+                                "--run_dir", "gs://b/runs/r1", "--skip-fit-check", "--optimizer.rho", "0.1",
+                                "--data.cache", "gs://b/pile")
+    assert code == 0, err
+    staged = fake.cache / "runs" / "r1" / "config.yaml"
+    calls = fake.calls()
+    assert calls[0] == tpu_vm("scp", str(staged), "t1:sophia-run-r1.yaml", "--worker=all", "--quiet")
+    ssh = calls[1:]
+    assert sorted(c[5] for c in ssh) == ["--worker=0", "--worker=1", "--worker=2", "--worker=3"]  # v3-32: 4 hosts
+    for c in ssh:
+        assert c[:5] == ["compute", "tpus", "tpu-vm", "ssh", "t1"] and c[6:8] == ["--quiet", "--command"]
+        assert c[9:] == ["--zone", ZONE]
+        assert c[8].startswith("# sophia-tpu launch r1 worker " + c[5][-1])
+        assert "--run_dir gs://b/runs/r1 --optimizer.rho 0.1 --data.cache gs://b/pile" in c[8]
+    expected = [f"WANDB_API_KEY={SECRET}\n{remote.ENV_END}\n" if c[3] == "ssh" else "" for c in calls]
+    assert fake.stdins() == expected
+    assert SECRET not in fake.log.read_text() and SECRET not in out + err
+    assert all(SECRET not in f.read_text() for f in fake.cache.rglob("*") if f.is_file())
+    # the 6.6B config, base chain resolved: its own width, the 1.5B file's sequence length
+    values = yaml.safe_load(staged.read_text())
+    assert "base" not in values and values["model"]["hidden_dim"] == 4096 and values["model"]["seq_len"] == 2048
+
+
+def test_launch_stops_before_anything_when_the_fit_check_fails(fake, capfd):
+    # A v3-8 has 8 cores, which a model axis of 3 does not divide: sophia-aot exits 2 (also without libtpu).
+    code, out, err = sophia_tpu(capfd, "launch", "t1", "--zone", ZONE, "--type", "v3-8", "--config", CONFIG_1_5B,
+                                "--run_dir", "gs://b/runs/r1", "--mesh.model", "3", "--data.cache", "gs://b/pile")
+    assert code == 1
+    assert "sophia-tpu: the fit check failed (sophia-aot exit status 2" in err and "nothing was started" in err
+    assert fake.calls() == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--env", "SOPHIA_TEST_UNSET"], "--env SOPHIA_TEST_UNSET: SOPHIA_TEST_UNSET is not set in this environment"),
+    (["--optimizer.rhoo", "1"], "unknown config key(s): optimizer.rhoo"),
+    (["stray"], "launch: unexpected argument 'stray'"),
+    (["--type", "v3-48"], "--type v3-48: use a TPU v3 slice, one of v3-8, v3-32"),
+    ([], "data.cache is gs://YOUR_BUCKET/pile-neox, a placeholder; pass --data.cache gs://BUCKET/"),
+])
+def test_launch_refuses_bad_arguments_before_calling_anything(fake, capfd, args, message):
+    slice_ = [] if "--type" in args else ["--type", "v3-8"]
+    code, out, err = sophia_tpu(capfd, "launch", "t1", "--zone", ZONE, "--config", CONFIG_1_5B,
+                                "--run_dir", "gs://b/runs/r1", "--skip-fit-check", *slice_, *args)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert fake.calls() == []
+
+
+def test_plan_prints_create_setup_launch_and_calls_nothing(fake, repo, capfd, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", SECRET)
+    path, commit = repo
+    code, out, err = sophia_tpu(capfd, "plan", "t1", "--zone", ZONE, "--type", "v3-128", "--spot", "--config",
+                                CONFIG_1_5B, "--run_dir", "gs://b/runs/r1", "--repo", str(path),
+                                "--trainer.wandb", "online", "--data.cache", "gs://b/pile")
+    assert code == 0, err
+    assert not fake.log.exists() and SECRET not in out + err
+    comments = [x for x in out.splitlines() if x.startswith("#")]
+    commands = [bash_argv(x) for x in out.splitlines() if not x.startswith("#")]
+    archive = f"sophia-jax-{commit[:12]}.tar.gz"
+    gcloud = lambda *args: ["gcloud", *tpu_vm(*args)]  # noqa: E731
+    assert commands[:4] == [
+        gcloud("create", "t1", "--accelerator-type", "v3-128", "--version", "tpu-ubuntu2204-base", "--spot"),
+        ["gcloud", *DESCRIBE],
+        ["git", "-C", str(path), "archive", "--format=tar.gz", "-o", str(fake.cache / archive), commit],
+        gcloud("scp", str(fake.cache / archive), f"t1:{archive}", "--worker=all", "--quiet"),
+    ]
+    assert commands[4] == gcloud("ssh", "t1", "--worker=all", "--quiet", "--command",
+                                 remote.setup_script(commit, archive, "python3.11"))
+    assert commands[5] == [sys.executable, "-m", "trainer.aot", "--config", CONFIG_1_5B, "--topology", "v3:8x8",
+                           "--trainer.wandb", "online", "--data.cache", "gs://b/pile"]
+    assert commands[6] == gcloud("scp", str(fake.cache / "runs" / "r1" / "config.yaml"), "t1:sophia-run-r1.yaml",
+                                 "--worker=all", "--quiet")
+    assert len(commands) == 7 + 16  # one launch ssh per worker of a v3-128
+    for i, c in enumerate(commands[7:]):
+        assert c[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "t1", f"--worker={i}", "--quiet"]
+        assert c[9].startswith(f"# sophia-tpu launch r1 worker {i}\n") and "WANDB_API_KEY) export" in c[9]
+    assert any("WANDB_API_KEY" in x and "stdin" in x for x in comments)
+
+
+# ------------------------------------------------------------------------- status, logs, delete
+def test_status_prints_the_vm_state_and_each_workers_job(fake, capfd):
+    fake.script({"describe": [say("READY\n")],
+                 "ssh:sophia-tpu status": [say(job(1, "exited", "0") + job(0, "running"))]})
+    code, out, err = sophia_tpu(capfd, "status", "t1", "--zone", ZONE)
+    assert code == 0, err
+    assert out.splitlines() == ["t1 (us-zone1-a): READY", "  worker 0 h0: run r1 running",
+                                "  worker 1 h1: run r1 exited (exit status 0)"]
+    assert fake.calls() == [DESCRIBE, tpu_vm("ssh", "t1", "--worker=all", "--quiet", "--command",
+                                             remote.status_script())]
+
+
+def test_status_of_a_vm_that_does_not_exist(fake, capfd):
+    fake.script({"describe": [say(stderr="ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource "
+                                         "'projects/p/locations/us-zone1-a/nodes/t1' was not found\n", exit=1)]})
+    code, out, err = sophia_tpu(capfd, "status", "t1", "--zone", ZONE)
+    assert code == 0 and out == "t1 (us-zone1-a): not found\n"
+    assert fake.calls() == [DESCRIBE]
+
+
+def test_logs_tails_one_workers_log(fake, capfd):
+    fake.script({"ssh:sophia-tpu logs": [say("step 7 loss 3.1\n")]})
+    code, out, err = sophia_tpu(capfd, "logs", "t1", "--zone", ZONE, "--worker", "3", "--lines", "7")
+    assert code == 0 and out == "step 7 loss 3.1\n"
+    [ssh] = fake.calls()
+    assert ssh[:8] == ["compute", "tpus", "tpu-vm", "ssh", "t1", "--worker=3", "--quiet", "--command"]
+    assert 'tail -n 7 "$log"' in ssh[8] and 'log="$HOME/sophia-runs/current/worker.log"' in ssh[8]
+
+
+def test_delete_asks_first_unless_yes(fake, capfd, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))  # nobody answers: not confirmed
+    code, out, err = sophia_tpu(capfd, "delete", "t1", "--zone", ZONE)
+    assert code == 1 and "t1 was not deleted (not confirmed; pass --yes" in err
+    assert fake.calls() == []
+    code, out, err = sophia_tpu(capfd, "delete", "t1", "--zone", ZONE, "--yes")
+    assert code == 0
+    assert fake.calls() == [tpu_vm("delete", "t1", "--quiet")]
+
+
+# ------------------------------------------------------------------------------------- babysit
+def babysit_args(path: Path, *extra: str) -> list[str]:
+    return ["babysit", "t1", "--zone", ZONE, "--type", "v3-8", "--preemptible", "--config", CONFIG_1_5B,
+            "--run_dir", "gs://b/runs/r1", "--repo", str(path), "--poll", "0.001", "--skip-fit-check",
+            "--data.cache", "gs://b/pile", *extra]
+
+
+def stage(argv: list[str]) -> str:
+    """A call named by what it does, for comparing sequences."""
+    verb = argv[3]
+    if verb == "ssh":
+        return argv[8].splitlines()[0].split()[2]  # "# sophia-tpu launch ..." -> launch
+    return verb
+
+
+def test_babysit_recreates_after_each_preemption_until_the_run_finishes(fake, repo, capfd):
+    path, commit = repo
+    fake.script({
+        "describe": [say(f"{s}\n") for s in
+                     ["READY", "PREEMPTED", "READY", "READY", "PREEMPTED", "READY", "READY"]],
+        "ssh:sophia-tpu status": [say(job(0, "running")), say(job(0, "running")), say(job(0, "exited", "0"))],
+    })
+    code, out, err = sophia_tpu(capfd, *babysit_args(path))
+    assert code == 0, err
+    calls = fake.calls()
+    recreate = ["describe", "delete", "create", "describe", "scp", "setup", "scp", "launch"]
+    assert [stage(c) for c in calls] == (["describe", "status"] + recreate + ["describe", "status"] + recreate
+                                         + ["describe", "status"])
+    creates = [c for c in calls if c[3] == "create"]
+    assert len(creates) == 2 and all("--preemptible" in c for c in creates)
+    assert "run r1 finished" in err
+
+
+def test_babysit_creates_a_missing_vm_without_deleting_it(fake, repo, capfd):
+    path, commit = repo
+    fake.script({"describe": [say(stderr="ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: gone\n", exit=1),
+                              say("READY\n")],
+                 "ssh:sophia-tpu status": [say(job(0, "exited", "0"))]})
+    code, out, err = sophia_tpu(capfd, *babysit_args(path))
+    assert code == 0, err
+    assert [stage(c) for c in fake.calls()] == ["describe", "create", "describe", "scp", "setup", "scp", "launch",
+                                                "describe", "status"]
+
+
+def test_babysit_gives_up_when_the_job_fails_past_its_retries(fake, repo, capfd):
+    path, commit = repo
+    fake.script({"describe": [say("READY\n")], "ssh:sophia-tpu status": [say(job(0, "exited", "1"))],
+                 "ssh:sophia-tpu logs": [say("step 10 loss 3.2\nValueError: boom\n")]})
+    code, out, err = sophia_tpu(capfd, *babysit_args(path, "--retries", "2"))
+    assert code == 1
+    calls = fake.calls()
+    assert [stage(c) for c in calls].count("launch") == 2
+    assert "run r1 failed 3 times (--retries 2); the last failure: worker 0 (h0) exited with status 1" in err
+    assert err.rstrip().endswith("step 10 loss 3.2\nValueError: boom")
+    assert calls[-1][5] == "--worker=0" and 'log="$HOME/sophia-runs/r1/worker.log"' in calls[-1][8]
+
+
+@pytest.mark.parametrize("lines, workers, verdict", [
+    ([job(0, "running"), job(1, "exited", "1")], 2, "failed"),  # one host gone: the others would hang
+    ([job(0, "running"), job(1, "died")], 2, "failed"),
+    ([job(0, "running"), job(1, "exited", "0")], 2, "running"),
+    ([job(0, "terminated", "0"), job(1, "terminated", "0")], 2, "stopped"),  # SIGTERM: saved, not finished
+    ([job(0, "exited", "0"), job(1, "exited", "0")], 2, "finished"),
+    ([job(0, "exited", "0")], 2, "absent"),
+    (["sophia-job host=h0 worker=- run=- state=none code=-\n"], 1, "absent"),
+    ([job(0, "running", run="other")], 1, "busy"),
+    ([job(0, "exited", "0", run="other")], 1, "absent"),
+])
+def test_job_verdict(lines, workers, verdict):
+    assert job_verdict(remote.parse_job_lines("".join(lines)), "r1", workers)[0] == verdict
+
+
+# ------------------------------------------------------------------ the scripts, run by bash here
+@pytest.fixture
+def home(tmp_path):
+    """A worker's HOME with sophia-jax "installed"; kills the jobs it started when the test ends."""
+    home = tmp_path / "home"
+    (home / "sophia-jax" / "venv" / "bin").mkdir(parents=True)
+    (home / "sophia-jax" / "src" / "abc").mkdir(parents=True)
+    (home / "sophia-jax" / "current").symlink_to(home / "sophia-jax" / "src" / "abc")
+    yield home
+    for pidfile in home.glob("sophia-runs/*/pid"):
+        try:
+            os.killpg(int(pidfile.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def trainer(home: Path, body: str) -> None:
+    path = home / "sophia-jax" / "venv" / "bin" / "sophia-train"
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+
+
+def bash(script: str, home: Path, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", script], input=stdin, capture_output=True, text=True, timeout=120,
+                          env={"HOME": str(home), "PATH": os.environ["PATH"]})
+
+
+def wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.02)
+
+
+def launch_r(home: Path, run_id: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    (home / f"sophia-run-{run_id}.yaml").write_text("seed: 0\n")
+    env = env or {}
+    script = remote.launch_script(run_id, 0, f"gs://b/runs/{run_id}", ["--optimizer.rho", "0.1"], list(env),
+                                  distributed=True)
+    return bash(script, home, remote.env_payload(list(env), env))
+
+
+def job_state(home: Path) -> dict[str, str]:
+    [record] = remote.parse_job_lines(bash(remote.status_script(), home).stdout)
+    return record
+
+
+def test_all_scripts_are_valid_bash():
+    for script in [remote.setup_script("abc", "a.tar.gz", "python3.11"), remote.setup_script("abc", "a", "/opt/py"),
+                   remote.launch_script("r1", 0, "gs://b/r1", ["--a.b", "it's"], ["K"], distributed=True),
+                   remote.status_script(), remote.log_script(5, "r1")]:
+        result = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+
+def test_launched_job_gets_the_secret_detaches_and_records_its_exit_status(home):
+    trainer(home, 'echo "args: $* distributed=$SOPHIA_DISTRIBUTED"\n'
+                  '[ "$WANDB_API_KEY" = s3cr3t-value ] && echo "the key arrived"\nexit 3\n')
+    result = launch_r(home, "r1", {"WANDB_API_KEY": SECRET})
+    assert result.returncode == 0, result.stderr
+    run = home / "sophia-runs" / "r1"
+    wait_for(lambda: (run / "exit_status").exists(), "the job's exit status")
+    assert (run / "exit_status").read_text() == "3\n"
+    log = (run / "worker.log").read_text()
+    assert f"args: --config {run}/config.yaml --run_dir gs://b/runs/r1 --optimizer.rho 0.1 distributed=1" in log
+    assert "the key arrived" in log
+    assert (run / "config.yaml").read_text() == "seed: 0\n" and not (home / "sophia-run-r1.yaml").exists()
+    assert {k: v for k, v in job_state(home).items() if k != "host"} == {
+        "worker": "0", "run": "r1", "state": "exited", "code": "3"}
+    written = [f for f in (home / "sophia-runs").rglob("*") if f.is_file()]  # all that launch and the job wrote
+    assert len(written) >= 5 and all(SECRET not in f.read_text(errors="replace") for f in written)
+
+
+def test_a_sigterm_is_recorded_and_a_new_launch_stops_the_running_job(home):
+    trainer(home, 'trap "echo saved; exit 0" TERM\necho started\nsleep 600 & wait\n')
+    assert launch_r(home, "r1").returncode == 0
+    assert job_state(home)["state"] == "running"
+    wait_for(lambda: "started" in (home / "sophia-runs" / "r1" / "worker.log").read_text(), "r1's trap")
+    result = launch_r(home, "r2")  # r1 still runs: launch stops it (SIGTERM, it "saves"), then starts r2
+    assert result.returncode == 0, result.stderr
+    assert "stopping the job running as process group" in result.stdout
+    r1 = home / "sophia-runs" / "r1"
+    assert (r1 / "exit_status").read_text() == "0\n" and (r1 / "signal").exists()
+    assert "saved" in (r1 / "worker.log").read_text()
+    assert job_state(home)["run"] == "r2" and job_state(home)["state"] == "running"
+    wait_for(lambda: "started" in (home / "sophia-runs" / "r2" / "worker.log").read_text(), "r2's trap")
+    os.killpg(int((home / "sophia-runs" / "r2" / "pid").read_text()), signal.SIGTERM)  # a preemption notice
+    wait_for(lambda: (home / "sophia-runs" / "r2" / "exit_status").exists(), "r2's exit status")
+    assert {k: job_state(home)[k] for k in ("run", "state", "code")} == {"run": "r2", "state": "terminated",
+                                                                          "code": "0"}
+
+
+def test_launch_leaves_a_process_that_is_not_its_job_alone(home):
+    other = subprocess.Popen(["sleep", "600"], start_new_session=True)  # a stale pid file may name any process
+    try:
+        (home / "sophia-runs" / "old").mkdir(parents=True)
+        (home / "sophia-runs" / "old" / "pid").write_text(f"{other.pid}\n")
+        trainer(home, "exit 0\n")
+        assert launch_r(home, "r1").returncode == 0
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
+        (home / "sophia-runs" / "old" / "pid").unlink()
+
+
+def test_launch_refuses_a_cut_short_stdin_without_starting(home):
+    trainer(home, "exit 0\n")
+    (home / "sophia-run-r1.yaml").write_text("seed: 0\n")
+    script = remote.launch_script("r1", 0, "gs://b/runs/r1", [], ["WANDB_API_KEY"], distributed=False)
+    result = bash(script, home, "WANDB_API_KEY=abc\n")  # no end line: an ssh retry may have eaten it
+    assert result.returncode == 3
+    assert "stdin ended before the environment did" in result.stderr and "abc" not in result.stderr
+    assert not (home / "sophia-runs" / "r1").exists()
+
+
+def test_setup_script_skips_a_commit_that_is_installed(home):
+    (home / "sophia-jax" / "current").unlink()
+    src = home / "sophia-jax" / "src" / "c0ffee"
+    src.mkdir(parents=True)
+    (src / ".sophia-installed").touch()
+    (home / "sophia-jax" / "current").symlink_to(src)
+    python = home / "sophia-jax" / "venv" / "bin" / "python"
+    python.write_text("#!/usr/bin/env bash\nexit 0\n")  # imports work
+    python.chmod(0o755)
+    (home / "a.tar.gz").write_text("unused")
+    result = bash(remote.setup_script("c0ffee", "a.tar.gz", "python3.11"), home)
+    assert result.returncode == 0, result.stderr
+    assert "c0ffee is already installed" in result.stdout and not (home / "a.tar.gz").exists()
+    result = bash(remote.setup_script("beef", "a.tar.gz", "python3.11"), home)  # not installed, archive gone
+    assert result.returncode == 3 and "a.tar.gz is missing; run sophia-tpu setup again" in result.stderr
