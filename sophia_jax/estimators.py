@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import optax
 
 from sophia_jax.microbatches import accumulate
-from sophia_jax.transform import HessianFn
+from sophia_jax.transform import HessianFn, at_least_float32
 
 __all__ = ["gauss_newton_bartlett", "hutchinson"]
 
@@ -76,7 +76,10 @@ def gauss_newton_bartlett(
         get a replicated accumulator.
 
     Returns:
-      `hessian_fn(params, key, **extra_args) -> h_hat`, a pytree like params.
+      `hessian_fn(params, key, **extra_args) -> h_hat`, a pytree like params. `hessian_fn.with_stats`
+      takes the same arguments and returns `(h_hat, stats)`: `grad_norm`, the global norm of `g_s` before
+      the clip; `clipped`, 1.0 when the clip shrank it; `positions`, N (the official recipe clips `g_s`
+      to the training clip's norm, which at small batches can shrink h by (max_grad_norm / grad_norm)**2).
     """
     if microbatches < 1:
         raise ValueError(f"microbatches={microbatches} must be >= 1")
@@ -84,14 +87,15 @@ def gauss_newton_bartlett(
 
     def sampled_label_loss_sum(p: optax.Params, key: jax.Array, args: dict) -> tuple[jax.Array, jax.Array]:
         logits, mask = _split_logits_and_mask(logits_fn(p, **args))
-        logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+        logits = logits.astype(at_least_float32(logits.dtype))
         labels = jax.random.categorical(key, jax.lax.stop_gradient(logits))
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         return jnp.sum(losses * mask), jnp.sum(mask)
 
     grad_fn = jax.grad(sampled_label_loss_sum, has_aux=True)
 
-    def hessian_fn(params: optax.Params, key: jax.Array | None = None, **extra_args: Any) -> optax.Updates:
+    def with_stats(params: optax.Params, key: jax.Array | None = None,
+                   **extra_args: Any) -> tuple[optax.Updates, dict[str, jax.Array]]:
         key = _require_key(key)
 
         def microbatch(i: jax.Array, args: dict) -> tuple[optax.Updates, jax.Array]:
@@ -100,10 +104,21 @@ def gauss_newton_bartlett(
         constrain_sum = None if constrain_grads is None else lambda gn: (constrain_grads(gn[0]), gn[1])
         g, n = accumulate(microbatch, extra_args, microbatches, constrain=constrain_sum)
         g = jax.tree.map(lambda x: x / jnp.maximum(n, 1).astype(x.dtype), g)
+        norm = optax.tree.norm(g)
+        clipped = jnp.zeros([], jnp.float32) if clip is None else (norm > max_grad_norm).astype(jnp.float32)
         if clip is not None:
             g, _ = clip.update(g, clip.init(g))
-        return jax.tree.map(lambda x: (n * x * x).astype(x.dtype), g)
+        def square(x: jax.Array) -> jax.Array:  # in float32 or wider: N is too large for bfloat16
+            wide = x.astype(at_least_float32(x.dtype))
+            return (n.astype(wide.dtype) * wide * wide).astype(x.dtype)
 
+        h_hat = jax.tree.map(square, g)
+        return h_hat, {"grad_norm": norm.astype(jnp.float32), "clipped": clipped, "positions": n}
+
+    def hessian_fn(params: optax.Params, key: jax.Array | None = None, **extra_args: Any) -> optax.Updates:
+        return with_stats(params, key, **extra_args)[0]
+
+    hessian_fn.with_stats = with_stats
     return hessian_fn
 
 

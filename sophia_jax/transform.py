@@ -47,6 +47,13 @@ class SophiaState(NamedTuple):
     # (max(rho*h, 0) + eps) with the h that update used (0 before the first update).
 
 
+def at_least_float32(dtype: Any) -> jnp.dtype:
+    """`dtype` if it is float32 or wider (float64 under jax_enable_x64), else float32: Sophia's arithmetic
+    never runs in bfloat16 whatever the storage dtype."""
+    dtype = jnp.dtype(dtype)
+    return dtype if jnp.finfo(dtype).bits >= 32 else jnp.dtype(jnp.float32)
+
+
 def _fold_estimate(state: SophiaState, h_hat: optax.Updates, b2: ArrayLike) -> SophiaState:
     """h <- b2*h + (1-b2)*h_hat when h_hat is all finite; otherwise keep h and count the skip."""
     h_hat = optax.tree.cast_like(h_hat, state.h)
@@ -134,7 +141,7 @@ def scale_by_sophia(
     def precondition(g: jax.Array, m: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(the clipped, preconditioned update of one leaf, the fraction of it not clipped)."""
         # fp32 (or wider) arithmetic whatever the storage dtype; XLA fuses this into one pass.
-        dtype = jnp.promote_types(g.dtype, jnp.float32)
+        dtype = at_least_float32(g.dtype)
         denominator = jnp.maximum(jnp.asarray(rho, dtype) * h.astype(dtype), 0) + jnp.asarray(eps, dtype)
         ratio = m.astype(dtype) / denominator
         if clip_threshold is None:
@@ -146,7 +153,7 @@ def scale_by_sophia(
     def update_fn(
         updates: optax.Updates, state: SophiaState, params: optax.Params | None = None, **extra_args: Any
     ) -> tuple[optax.Updates, SophiaState]:
-        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        mu = optax.tree.update_moment(updates, optax.tree.cast_like(state.mu, updates), b1, 1)
         mu = optax.tree.cast(mu, mu_dtype) if mu_dtype is not None else optax.tree.cast_like(mu, state.mu)
         grads, treedef = jax.tree.flatten(updates)
         leaves = [precondition(g, m, h) for g, m, h in

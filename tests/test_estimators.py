@@ -157,3 +157,28 @@ def test_an_extra_argument_the_estimator_does_not_name_is_an_error_not_dropped()
     out = sophia_jax.hutchinson(lambda p, scale, **_: scale * jnp.sum(p["x"] ** 2))(
         {"x": jnp.ones(3)}, jax.random.PRNGKey(0), scale=2.0, step=3)
     np.testing.assert_allclose(out["x"], 4.0)
+
+
+def test_gnb_reports_the_sampled_gradient_norm_before_its_clip():
+    """with_stats: the same estimate, plus the norm of g_s before the clip (restated in NumPy) and whether
+    the clip shrank it."""
+    rng = np.random.default_rng(5)
+    params = {"w": jnp.asarray(rng.standard_normal((3, 4)), jnp.float32)}
+    x = jnp.asarray(rng.standard_normal((6, 3)), jnp.float32)
+    key = jax.random.PRNGKey(3)
+
+    def logits_fn(p, x):
+        return x @ p["w"]
+
+    labels = jax.random.categorical(key, logits_fn(params, x))
+    probs = np.asarray(jax.nn.softmax(logits_fn(params, x)), np.float64)
+    g = np.asarray(x, np.float64).T @ ((probs - np.eye(4)[np.asarray(labels)]) / 6)
+    norm = np.linalg.norm(g)
+    for clip, clipped in [(None, 0.0), (10 * norm, 0.0), (norm / 10, 1.0)]:
+        estimator = sophia_jax.gauss_newton_bartlett(logits_fn, max_grad_norm=clip)
+        h_hat, stats = estimator.with_stats(params, key, x=x)
+        assert float(stats["grad_norm"]) == pytest.approx(norm, rel=1e-5)
+        assert float(stats["clipped"]) == clipped and float(stats["positions"]) == 6
+        shrink = 1.0 if not clipped else (clip / norm) ** 2
+        np.testing.assert_allclose(h_hat["w"], 6 * g**2 * shrink, rtol=1e-4)
+        np.testing.assert_array_equal(estimator(params, key, x=x)["w"], h_hat["w"])

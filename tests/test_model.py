@@ -112,7 +112,7 @@ def test_loss_mask_matches_masked_mean(model):
     mask = jax.random.bernoulli(jax.random.PRNGKey(4), 0.6, (3, CONFIG.seq_len))
     logits = model(_named(tokens[:, :-1])).array
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[:, 1:, None], -1)[..., 0]
-    expected = jnp.sum(nll * mask) / jnp.sum(mask)
+    expected = jnp.sum(nll * mask.astype(nll.dtype)) / jnp.sum(mask.astype(nll.dtype))
     np.testing.assert_allclose(loss_fn(model, tokens, mask), expected, rtol=1e-5)
     losses, weights = token_losses(model, tokens, mask)
     assert float(weights.sum().array) == float(mask.sum())

@@ -166,7 +166,7 @@ def test_bf16_params_and_bf16_momentum_track_float32():
         params = jax.tree.map(lambda a: a.astype(dtype), p32)
         state = opt.init(params)
         for _ in range(10):
-            updates, state = jax.jit(opt.update)({"w": (g + params["w"]).astype(dtype)}, state, params)
+            updates, state = jax.jit(opt.update)({"w": g.astype(dtype) + params["w"]}, state, params)
             assert updates["w"].dtype == dtype
             params = optax.apply_updates(params, updates)
         return params, _sophia(state)

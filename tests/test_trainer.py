@@ -251,6 +251,12 @@ def test_short_sophia_run_learns_and_refreshes_h_exactly_on_steps_k_2k(tmp_path,
     losses = [r["train/loss"] for r in records]
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
     assert all(0 < r["optim/win_rate"] <= 1 for r in records[10:])  # once h is set, not all clipped
+    groups = {key for key in records[-1] if key.startswith("optim/win_rate/")}
+    assert groups == {f"optim/win_rate/{g}" for g in ("embedding", "attention", "mlp", "norm", "head")}
+    if mode == "separate":  # the estimator's own numbers, from the refresh step on
+        assert all(r["optim/hessian_grad_norm"] > 0 and r["optim/hessian_grad_clipped"] in (0, 1)
+                   for r in records[9:])
+        assert "optim/hessian_grad_norm" not in records[8]
     assert records[-1]["eval/loss"] < losses[0]
 
 

@@ -18,6 +18,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import optax
 
 import sophia_jax
@@ -97,6 +98,9 @@ class SophiaGConfig(OptimizerConfig):
     hessian_mode: str = "separate"
     """'separate': its own compiled hessian_step after steps k, 2k, ... (the official order);
     'cond': inside train_step under lax.cond (one program; the estimate sees the pre-update params)."""
+    hessian_clip: bool = True
+    """Clip the sampled-label gradient to max_grad_norm before squaring it, as the official recipe does;
+    false squares it unclipped (see optim/hessian_grad_norm and optim/hessian_grad_clipped)."""
 
     name: ClassVar[str] = "sophia_g"
 
@@ -179,14 +183,18 @@ def warmup_steps(config: OptimizerConfig, num_train_steps: int) -> int:
 def lr_schedule(config: OptimizerConfig, num_train_steps: int) -> optax.Schedule:
     """Linear warmup to `learning_rate`, then cosine decay to `min_lr_ratio * learning_rate` at the end.
 
-    Step t (0-based) of the warmup uses lr * (t+1)/warmup, so the first step is not wasted at lr 0.
+    Step t (0-based) of the warmup uses lr * (t+1)/warmup, so the first step is not wasted at lr 0. The
+    count is made float32 first: optax's schedules mix it with Python floats, which strict dtype
+    promotion (the tests' setting) refuses for an int32 count.
     """
     peak, w = config.learning_rate, warmup_steps(config, num_train_steps)
     cosine = optax.cosine_decay_schedule(peak, max(num_train_steps - w, 1), alpha=config.min_lr_ratio)
     if w == 0:
-        return cosine
-    warm = optax.linear_schedule(peak / w, peak, w - 1) if w > 1 else optax.constant_schedule(peak)
-    return optax.join_schedules([warm, cosine], [w])
+        schedule = cosine
+    else:
+        warm = optax.linear_schedule(peak / w, peak, w - 1) if w > 1 else optax.constant_schedule(peak)
+        schedule = optax.join_schedules([warm, cosine], [w])
+    return lambda count: schedule(jnp.asarray(count, jnp.float32))
 
 
 def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:

@@ -104,7 +104,8 @@ class Trainer:
         self.estimator = None
         if self.sophia:
             self.estimator = sophia_jax.gauss_newton_bartlett(
-                logits_fn, max_grad_norm=opt.max_grad_norm, microbatches=opt.hessian_microbatches,
+                logits_fn, max_grad_norm=opt.max_grad_norm if opt.hessian_clip else None,
+                microbatches=opt.hessian_microbatches,
                 constrain_grads=lambda g: hax.shard(g, sharding.param_mapping()))  # an FSDP-sharded accumulator
         abstract_params = jax.eval_shape(lambda k: GPTNeoX.init(config.model, key=k), jax.random.PRNGKey(0))
         self.groups = param_groups(abstract_params)
@@ -207,11 +208,14 @@ class Trainer:
         return {f"optim/{name}": value for name, value in m.items() if name not in ("count", "momentum_norm")}
 
     def _hessian_step(self, state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
-        """Folds one GNB estimate on `tokens` (labels sampled from the model) into Sophia's h."""
+        """Folds one GNB estimate on `tokens` (labels sampled from the model) into Sophia's h; reports the
+        sampled-label gradient's norm before its clip and whether the clip shrank it."""
         key = jax.random.fold_in(state.key, state.step)
-        h_hat = hax.shard(self.estimator(state.params, key, tokens=tokens), sharding.param_mapping())
+        h_hat, stats = self.estimator.with_stats(state.params, key, tokens=tokens)
+        h_hat = hax.shard(h_hat, sharding.param_mapping())
         state = state._replace(opt_state=sophia_jax.update_hessian(state.opt_state, h_hat))
-        return state, self._sophia_metrics(state.opt_state)
+        return state, {**self._sophia_metrics(state.opt_state), "optim/hessian_grad_norm": stats["grad_norm"],
+                       "optim/hessian_grad_clipped": stats["clipped"]}
 
     def _eval_step(self, params: GPTNeoX, tokens: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
         losses, counted = token_losses(params, tokens, jnp.broadcast_to(weights[:, None], tokens[:, 1:].shape))

@@ -167,13 +167,14 @@ def run_loop(run: Run) -> dict[str, Any]:
                            name=tc.wandb_name or run_dir.name, tags=[t for t in tc.wandb_tags.split(",") if t],
                            progress=tc.progress)
     throughput = _Throughput(trainer)
-    last = {"record": {}, "skipped": int(jax.device_get(run.state.skipped))}
+    last = {"record": {}, "skipped": int(jax.device_get(run.state.skipped)), "estimator": {}}
 
     def evaluate(step: int, state: TrainState, record: dict[str, Any]) -> None:
         record["eval/loss"] = trainer.eval_loss(state.params, run.eval_batches)
 
     def log(step: int, state: TrainState, record: dict[str, Any]) -> None:
         record.update(jax.device_get(record))
+        record.update({key: last["estimator"][key] for key in last["estimator"] if key not in record})
         record.update(throughput.read())
         skipped = int(record["optim/skipped_steps"])
         if skipped > last["skipped"]:
@@ -190,6 +191,8 @@ def run_loop(run: Run) -> dict[str, Any]:
         with PreemptionGuard() as guard:
             for step, batch in batches(run):
                 state, record = trainer.step(state, batch, step)
+                # The estimator's own numbers exist on refresh steps only: logged with every later record.
+                last["estimator"].update({k: v for k, v in record.items() if k.startswith("optim/hessian_grad")})
                 writer.advance()
                 throughput.step_done(state)
                 final = step == tc.num_train_steps
