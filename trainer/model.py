@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from haliax import Axis, NamedArray
 
+from trainer.attention import naive_attention
+
 __all__ = [
     "GPTNeoX",
     "ModelConfig",
@@ -154,14 +156,11 @@ class Attention(eqx.Module):
         c = self.config
         q, k, v = self.qkv(x).unbind("qkv")
         q = apply_rotary(q, c.rotary_dim, c.rotary_base)
-        k = apply_rotary(k, c.rotary_dim, c.rotary_base).rename({"position": "key_position"})
-        v = v.rename({"position": "key_position"})
-        scores = hax.dot(q, k, axis="head_size").astype(jnp.float32) / math.sqrt(c.head_size)
-        Pos, KPos = q.resolve_axis("position"), k.resolve_axis("key_position")
-        causal = hax.arange(KPos) <= hax.arange(Pos).broadcast_axis(KPos)  # [position, key_position]
-        scores = hax.where(causal, scores, -1e9)
-        weights = hax.nn.softmax(scores, axis="key_position").astype(x.dtype)
-        return self.out(hax.dot(weights, v, axis="key_position"))
+        k = apply_rotary(k, c.rotary_dim, c.rotary_base)
+        axes = ("batch", "position", "heads", "head_size")
+        q, k, v = (a.rearrange(axes) for a in (q, k, v))
+        out = naive_attention(q.array, k.array, v.array)
+        return self.out(hax.named(out, q.axes))
 
 
 class MLP(eqx.Module):
