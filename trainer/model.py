@@ -7,7 +7,8 @@ Architecture (Black et al. 2022, as in the Sophia paper's NeoX runs): rotary pos
 first `rotary_pct` of each head's dims; parallel residual `x + attn(ln1(x)) + mlp(ln2(x))`; LayerNorm
 with bias (eps 1e-5); GELU MLP; biased projections; untied input embedding and output head; the
 vocabulary padded to a multiple of 128 (padded columns get logit -1e9, so they are never predicted or
-sampled); layers stacked and scanned (`haliax.nn.Stacked`), optionally rematerialised.
+sampled); layers stacked and scanned (`haliax.nn.Stacked`), optionally rematerialised. Causal attention
+is one of trainer/attention.py's implementations (`attention`: cuDNN's fused kernel, blockwise, naive).
 Params are stored in `param_dtype` (float32) and cast to `compute_dtype` (bfloat16) for the forward;
 LayerNorm statistics, softmax and the loss are computed in float32.
 """
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from haliax import Axis, NamedArray
 
-from trainer.attention import naive_attention
+from trainer.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS, attention
 
 __all__ = [
     "GPTNeoX",
@@ -66,6 +67,12 @@ class ModelConfig:
     """The embedding and head have vocab_size rounded up to a multiple of this (MXU/TPU friendly)."""
     remat: bool = False
     """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
+    attention: str = "auto"
+    """Causal attention implementation (trainer/attention.py): "cudnn" (GPU's fused kernel, bf16/fp16),
+    "blockwise" (flash-style in plain JAX: no [seq, seq] tensor), "naive" (the readable reference, which
+    builds and keeps float32 [batch, heads, seq, seq] scores) or "auto" (cudnn on GPU, else blockwise)."""
+    attention_block_size: int = 512
+    """Query and key block length of the blockwise attention (min(it, seq_len) is used)."""
     compute_dtype: str = "bfloat16"
     """dtype of the matmuls and activations ("bfloat16" or "float32")."""
     param_dtype: str = "float32"
@@ -79,7 +86,9 @@ class ModelConfig:
         if not 0 <= self.rotary_pct <= 1 or rotary % 2:
             raise ValueError(f"model.rotary_pct={self.rotary_pct} gives {rotary} rotary dims of "
                              f"head_size={self.head_size}; use a fraction in [0, 1] giving an even count")
-        for name in ("seq_len", "num_layers", "mlp_ratio", "vocab_multiple"):
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"model.attention={self.attention!r}; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        for name in ("seq_len", "num_layers", "mlp_ratio", "vocab_multiple", "attention_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
         for name in ("compute_dtype", "param_dtype"):
@@ -159,7 +168,7 @@ class Attention(eqx.Module):
         k = apply_rotary(k, c.rotary_dim, c.rotary_base)
         axes = ("batch", "position", "heads", "head_size")
         q, k, v = (a.rearrange(axes) for a in (q, k, v))
-        out = naive_attention(q.array, k.array, v.array)
+        out = attention(q.array, k.array, v.array, c.attention, block_size=c.attention_block_size)
         return self.out(hax.named(out, q.axes))
 
 

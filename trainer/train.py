@@ -34,6 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import sophia_jax
 from trainer import sharding
+from trainer.attention import resolve_implementation
 from trainer.checkpoint import (
     CheckpointConfig,
     Checkpointer,
@@ -81,7 +82,10 @@ class Trainer:
         if config.model.vocab_size is None:
             raise ValueError("model.vocab_size is unset: set it, or let main() take it from the dataset")
         self.config, self.mesh = config, mesh
-        self.model_config = config.model
+        # "auto" attention is resolved for the mesh's devices (a TPU topology compiled on a CPU host is TPU).
+        platform = mesh.devices.flat[0].platform
+        self.model_config = dataclasses.replace(config.model, attention=resolve_implementation(
+            config.model.attention, platform, config.model.compute_dtype))
         opt, tc = config.optimizer, config.trainer
         self.sophia = opt.type == "sophia_g"
         self.cond_mode = self.sophia and opt.hessian_mode == "cond"
