@@ -173,3 +173,29 @@ def test_config_errors_name_the_problem():
         ModelConfig(remat=True)
     with pytest.raises(ValueError, match="model.loss_chunk=-1"):
         ModelConfig(loss_chunk=-1)
+
+
+def _dot_operand_dtypes(jaxpr) -> set[tuple[str, ...]]:
+    """The operand dtypes of every dot_general in a jaxpr, nested jaxprs (scan, remat, custom_vjp) included."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.add(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if isinstance(sub, (ClosedJaxpr, Jaxpr)):
+                    found |= _dot_operand_dtypes(sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub)
+    return found
+
+
+@pytest.mark.parametrize("attention, remat, loss_chunk", [("naive", "none", 0), ("blockwise", "full", 5)])
+def test_bf16_step_runs_every_matmul_on_bf16_operands(attention, remat, loss_chunk):
+    """compute_dtype bfloat16: no matmul of the loss or its gradient takes a float32 operand (XLA would run
+    it in float32), even where an output is float32 (scores, logits) and its cotangent comes back float32."""
+    config = dataclasses.replace(CONFIG, compute_dtype="bfloat16", attention=attention, remat=remat,
+                                 loss_chunk=loss_chunk, attention_block_size=8)
+    model = GPTNeoX.init(config, key=jax.random.PRNGKey(0))
+    dtypes = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(loss_fn))(model, _tokens()).jaxpr)
+    assert dtypes == {("bfloat16", "bfloat16")}, dtypes

@@ -68,12 +68,34 @@ def naive_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     [batch, heads, position, key_position]. q, k, v: [batch, position, heads, head_size]; returns q's shape
     and dtype."""
     T, D = q.shape[1], q.shape[3]
-    # float32 accumulation and output: a bf16 result would round the scores to 8 significant bits.
-    scores = jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(D)
+    scores = _dot_scores(q, k) / math.sqrt(D)
     causal = jnp.arange(T)[None, :] <= jnp.arange(T)[:, None]  # [position, key_position]
     scores = jnp.where(causal, scores, -1e9)
     weights = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     return jnp.einsum("bnqk,bknd->bqnd", weights, v)
+
+
+@jax.custom_vjp
+def _dot_scores(q: jax.Array, k: jax.Array) -> jax.Array:
+    """q . k per head, [batch, heads, position, key_position], accumulated and returned in float32 (a
+    bf16 result would round the scores to 8 significant bits). Its backward casts the float32 cotangent
+    to q's dtype first: autodiff would pair it with the bf16 operands, i.e. run float32 matmuls."""
+    return jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
+
+
+def _dot_scores_fwd(q, k):
+    return _dot_scores(q, k), (q, k)
+
+
+def _dot_scores_bwd(residuals, d_scores):
+    q, k = residuals
+    ds = d_scores.astype(q.dtype)
+    dq = jnp.einsum("bnqk,bknd->bqnd", ds, k, preferred_element_type=jnp.float32)
+    dk = jnp.einsum("bnqk,bqnd->bknd", ds, q, preferred_element_type=jnp.float32)
+    return dq.astype(q.dtype), dk.astype(k.dtype)
+
+
+_dot_scores.defvjp(_dot_scores_fwd, _dot_scores_bwd)
 
 
 # ------------------------------------------------------------------------------------------ cudnn
