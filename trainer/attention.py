@@ -58,7 +58,7 @@ def resolve_implementation(implementation: str, platform: str, dtype: jnp.dtype)
         raise ValueError(f"model.attention={implementation!r}; use one of {', '.join(IMPLEMENTATIONS)}")
     if implementation != "auto":
         return implementation
-    gpu = platform in ("gpu", "cuda", "rocm")
+    gpu = platform in ("gpu", "cuda")  # NVIDIA: cuDNN
     return "cudnn" if gpu and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) else "blockwise"
 
 
