@@ -130,12 +130,39 @@ def test_bf16_compute_over_f32_params():
     assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {jnp.dtype("float32")}
 
 
-def test_remat_gives_the_same_gradients(model):
-    remat_model = GPTNeoX.init(dataclasses.replace(CONFIG, remat=True), key=jax.random.PRNGKey(0))
+@pytest.mark.parametrize("remat", ["full", "save_dots"])
+def test_remat_gives_the_same_gradients(model, remat):
+    remat_model = GPTNeoX.init(dataclasses.replace(CONFIG, remat=remat), key=jax.random.PRNGKey(0))
     tokens = _tokens()
     g1, g2 = jax.grad(loss_fn)(model, tokens), jax.grad(loss_fn)(remat_model, tokens)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def _reference_loss(model: GPTNeoX, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """The masked mean cross-entropy written out from the whole logits: -log_softmax at the targets."""
+    logits = model(_named(tokens[:, :-1])).array
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[:, 1:, None], -1)[..., 0]
+    mask = mask.astype(nll.dtype)
+    return jnp.sum(nll * mask) / jnp.sum(mask)
+
+
+@pytest.mark.parametrize("chunk", [4, 5, 16])  # divides seq_len 16, does not, the whole sequence
+def test_chunked_loss_equals_the_whole_logits_loss(model, chunk):
+    """model.loss_chunk: the same per-position losses, masked mean and gradient as the cross-entropy of
+    the whole [batch, position, vocab] logits (float32)."""
+    chunked = dataclasses.replace(model, config=dataclasses.replace(CONFIG, loss_chunk=chunk))
+    tokens = _tokens(batch=3)
+    mask = jax.random.bernoulli(jax.random.PRNGKey(4), 0.6, (3, CONFIG.seq_len))
+    loss, grads = jax.value_and_grad(loss_fn)(chunked, tokens, mask)
+    ref_loss, ref_grads = jax.value_and_grad(_reference_loss)(model, tokens, mask)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    losses, weights = token_losses(chunked, tokens, mask)
+    whole, _ = token_losses(model, tokens, mask)
+    assert [a.name for a in losses.axes] == ["batch", "position"]
+    np.testing.assert_allclose(losses.array, whole.array, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(a, b, atol=1e-6 * np.abs(b).max(), rtol=1e-5)
 
 
 def test_config_errors_name_the_problem():
@@ -143,3 +170,33 @@ def test_config_errors_name_the_problem():
         ModelConfig(hidden_dim=65, num_heads=4)
     with pytest.raises(ValueError, match="rotary_pct"):
         ModelConfig(hidden_dim=64, num_heads=4, rotary_pct=0.1)
+    with pytest.raises(ValueError, match="model.remat=True; use one of none, full, save_dots"):
+        ModelConfig(remat=True)
+    with pytest.raises(ValueError, match="model.loss_chunk=-1"):
+        ModelConfig(loss_chunk=-1)
+
+
+def _dot_operand_dtypes(jaxpr) -> set[tuple[str, ...]]:
+    """The operand dtypes of every dot_general in a jaxpr, nested jaxprs (scan, remat, custom_vjp) included."""
+    from jax.extend.core import ClosedJaxpr, Jaxpr
+
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.add(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                if isinstance(sub, (ClosedJaxpr, Jaxpr)):
+                    found |= _dot_operand_dtypes(sub.jaxpr if isinstance(sub, ClosedJaxpr) else sub)
+    return found
+
+
+@pytest.mark.parametrize("attention, remat, loss_chunk", [("naive", "none", 0), ("blockwise", "full", 5)])
+def test_bf16_step_runs_every_matmul_on_bf16_operands(attention, remat, loss_chunk):
+    """compute_dtype bfloat16: no matmul of the loss or its gradient takes a float32 operand (XLA would run
+    it in float32), even where an output is float32 (scores, logits) and its cotangent comes back float32."""
+    config = dataclasses.replace(CONFIG, compute_dtype="bfloat16", attention=attention, remat=remat,
+                                 loss_chunk=loss_chunk, attention_block_size=8)
+    model = GPTNeoX.init(config, key=jax.random.PRNGKey(0))
+    dtypes = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(loss_fn))(model, _tokens()).jaxpr)
+    assert dtypes == {("bfloat16", "bfloat16")}, dtypes

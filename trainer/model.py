@@ -7,7 +7,8 @@ Architecture (Black et al. 2022, as in the Sophia paper's NeoX runs): rotary pos
 first `rotary_pct` of each head's dims; parallel residual `x + attn(ln1(x)) + mlp(ln2(x))`; LayerNorm
 with bias (eps 1e-5); GELU MLP; biased projections; untied input embedding and output head; the
 vocabulary padded to a multiple of 128 (padded columns get logit -1e9, so they are never predicted or
-sampled); layers stacked and scanned (`haliax.nn.Stacked`), optionally rematerialised.
+sampled); layers stacked and scanned (`haliax.nn.Stacked`), optionally rematerialised. Causal attention
+is one of trainer/attention.py's implementations (`attention`: cuDNN's fused kernel, blockwise, naive).
 Params are stored in `param_dtype` (float32) and cast to `compute_dtype` (bfloat16) for the forward;
 LayerNorm statistics, softmax and the loss are computed in float32.
 """
@@ -24,9 +25,12 @@ import jax
 import jax.numpy as jnp
 from haliax import Axis, NamedArray
 
+from trainer.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS, attention
+
 __all__ = [
     "GPTNeoX",
     "ModelConfig",
+    "REMAT_POLICIES",
     "apply_rotary",
     "flops_per_token",
     "logits_fn",
@@ -36,6 +40,12 @@ __all__ = [
 ]
 
 PADDED_LOGIT = -1e9  # logit of the padded vocabulary columns: exp() is exactly 0 in float32
+# model.remat -> the jax.checkpoint policy of one scanned layer (None: no jax.checkpoint at all).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # the projections, not q.k
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +72,22 @@ class ModelConfig:
     """Token ids the data can hold; None = take it from the dataset. Padded up to `vocab_multiple`."""
     vocab_multiple: int = 128
     """The embedding and head have vocab_size rounded up to a multiple of this (MXU/TPU friendly)."""
-    remat: bool = False
-    """Recompute each block's activations in the backward pass (less memory, ~1/3 more compute)."""
+    remat: str = "none"
+    """What each scanned layer keeps for the backward pass (jax.checkpoint policy; see REMAT_POLICIES):
+    "none" keeps every activation; "full" keeps only the layer's input and recomputes the rest (one
+    more forward pass of the layers); "save_dots" keeps the outputs of the projection matmuls and
+    recomputes the cheap elementwise work and the attention."""
+    attention: str = "auto"
+    """Causal attention implementation (trainer/attention.py): "cudnn" (GPU's fused kernel, bf16/fp16),
+    "blockwise" (flash-style in plain JAX: no [seq, seq] tensor), "naive" (the readable reference, which
+    builds and keeps float32 [batch, heads, seq, seq] scores) or "auto" (cudnn on GPU, else blockwise)."""
+    attention_block_size: int = 512
+    """Query and key block length of the blockwise attention (min(it, seq_len) is used)."""
+    loss_chunk: int = 0
+    """Positions per step of the cross-entropy: the loss scans over chunks of this many positions,
+    building each chunk's float32 logits and rebuilding them in the backward pass, so the
+    [batch, seq_len, vocab] logits and their gradient never exist whole (costs one more forward pass of
+    the output head). 0 = the whole sequence at once. `logits_fn` (the Sophia-G estimator) is unchunked."""
     compute_dtype: str = "bfloat16"
     """dtype of the matmuls and activations ("bfloat16" or "float32")."""
     param_dtype: str = "float32"
@@ -77,7 +101,13 @@ class ModelConfig:
         if not 0 <= self.rotary_pct <= 1 or rotary % 2:
             raise ValueError(f"model.rotary_pct={self.rotary_pct} gives {rotary} rotary dims of "
                              f"head_size={self.head_size}; use a fraction in [0, 1] giving an even count")
-        for name in ("seq_len", "num_layers", "mlp_ratio", "vocab_multiple"):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model.remat={self.remat!r}; use one of {', '.join(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"model.attention={self.attention!r}; use one of {', '.join(ATTENTION_IMPLEMENTATIONS)}")
+        if self.loss_chunk < 0:
+            raise ValueError(f"model.loss_chunk={self.loss_chunk}; use 0 (whole sequence) or a positive chunk length")
+        for name in ("seq_len", "num_layers", "mlp_ratio", "vocab_multiple", "attention_block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1")
         for name in ("compute_dtype", "param_dtype"):
@@ -129,9 +159,18 @@ def apply_rotary(x: NamedArray, rotary_dim: int, base: float) -> NamedArray:
 
 
 # ------------------------------------------------------------------------------------------ layers
+@jax.checkpoint
 def _layer_norm(norm: hnn.LayerNorm, x: NamedArray) -> NamedArray:
-    """LayerNorm with float32 statistics whatever the compute dtype."""
-    return norm(x.astype(jnp.float32)).astype(x.dtype)
+    """LayerNorm with float32 statistics whatever the compute dtype. Rematerialised: the backward pass
+    recomputes the float32 intermediates from x rather than keeping them (they would be ~16 float32
+    [batch, position, embed] arrays per layer, more than all the bf16 activations of a layer together)."""
+    return _cast_floating(norm, jnp.float32)(x.astype(jnp.float32)).astype(x.dtype)
+
+
+@jax.checkpoint
+def _gelu(x: NamedArray) -> NamedArray:
+    """Exact GELU, rematerialised: only its input is kept for the backward pass, not erf's intermediates."""
+    return hnn.gelu(x, approximate=False)
 
 
 class Attention(eqx.Module):
@@ -154,14 +193,11 @@ class Attention(eqx.Module):
         c = self.config
         q, k, v = self.qkv(x).unbind("qkv")
         q = apply_rotary(q, c.rotary_dim, c.rotary_base)
-        k = apply_rotary(k, c.rotary_dim, c.rotary_base).rename({"position": "key_position"})
-        v = v.rename({"position": "key_position"})
-        scores = hax.dot(q, k, axis="head_size").astype(jnp.float32) / math.sqrt(c.head_size)
-        Pos, KPos = q.resolve_axis("position"), k.resolve_axis("key_position")
-        causal = hax.arange(KPos) <= hax.arange(Pos).broadcast_axis(KPos)  # [position, key_position]
-        scores = hax.where(causal, scores, -1e9)
-        weights = hax.nn.softmax(scores, axis="key_position").astype(x.dtype)
-        return self.out(hax.dot(weights, v, axis="key_position"))
+        k = apply_rotary(k, c.rotary_dim, c.rotary_base)
+        axes = ("batch", "position", "heads", "head_size")
+        q, k, v = (a.rearrange(axes) for a in (q, k, v))
+        out = attention(q.array, k.array, v.array, c.attention, block_size=c.attention_block_size)
+        return self.out(hax.named(out, q.axes))
 
 
 class MLP(eqx.Module):
@@ -178,7 +214,7 @@ class MLP(eqx.Module):
         return MLP(up, down)
 
     def __call__(self, x: NamedArray) -> NamedArray:
-        return self.down(hnn.gelu(self.up(x), approximate=False))
+        return self.down(_gelu(self.up(x)))
 
 
 class Block(eqx.Module):
@@ -215,7 +251,7 @@ class GPTNeoX(eqx.Module):
     def init(config: ModelConfig, *, key: jax.Array) -> GPTNeoX:
         k_embed, k_layers, k_head = jax.random.split(key, 3)
         embed = hnn.Embedding.init(config.Vocab, config.Embed, key=k_embed, initializer_range=0.02)
-        layers = hnn.Stacked.init(config.Layers, Block, gradient_checkpointing=config.remat)(
+        layers = hnn.Stacked.init(config.Layers, Block)(  # remat is applied in `hidden`
             config, key=jax.random.split(k_layers, config.num_layers))
         ln_f = hnn.LayerNorm.init(config.Embed, eps=config.layer_norm_eps)
         head = hnn.Linear.init(config.Embed, config.Vocab, key=k_head, use_bias=False)
@@ -224,15 +260,21 @@ class GPTNeoX(eqx.Module):
         return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, model)
 
     def __call__(self, tokens: NamedArray) -> NamedArray:
-        c = self.config
-        model = _cast_floating(self, jnp.dtype(c.compute_dtype))
+        x, head = self.hidden(tokens)
+        return _logits(head, x, self.config.vocab_size)
+
+    def hidden(self, tokens: NamedArray) -> tuple[NamedArray, hnn.Linear]:
+        """(final hidden states [batch, position, embed] after ln_f, the output head), both in the
+        compute dtype; `_logits(head, x, vocab_size)` of them is the model's output."""
+        model = _cast_floating(self, jnp.dtype(self.config.compute_dtype))
         embed, ln_f, head = hax.shard((model.embed, model.ln_f, model.head))  # gathered as in Block
         x = hax.shard(embed.embed(tokens))
-        x = model.layers.fold(x)
-        x = _layer_norm(ln_f, x)
-        logits = head(x).astype(jnp.float32)
-        real = hax.arange(c.Vocab) < c.vocab_size
-        return hax.where(real, logits, PADDED_LOGIT)
+        layer = lambda block, x: block(x)  # noqa: E731
+        policy = REMAT_POLICIES[self.config.remat]
+        if policy is not None:
+            layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)  # in a scan CSE cannot cross
+        x = model.layers.fold_via(layer)(x)
+        return _layer_norm(ln_f, x), head
 
 
 def _cast_floating(tree, dtype):
@@ -246,17 +288,54 @@ def _split(tokens: jax.Array) -> tuple[NamedArray, NamedArray]:
     return hax.named(tokens[:, :-1], (Batch, Pos)), hax.named(tokens[:, 1:], (Batch, Pos))
 
 
+def _logits(head: hnn.Linear, x: NamedArray, vocab_size: int) -> NamedArray:
+    """float32 logits [..., vocab] of hidden states x; the padded vocabulary columns hold PADDED_LOGIT."""
+    logits = head(x).astype(jnp.float32)
+    return hax.where(hax.arange(logits.resolve_axis("vocab")) < vocab_size, logits, PADDED_LOGIT)
+
+
+def _cross_entropy(logits: NamedArray, targets: NamedArray) -> NamedArray:
+    """-log softmax(logits)[target] per position: logsumexp over vocab minus the target's logit."""
+    return hax.nn.logsumexp(logits, axis="vocab") - hax.take(logits, "vocab", targets)
+
+
+def _chunked_cross_entropy(head: hnn.Linear, x: NamedArray, targets: NamedArray, vocab_size: int,
+                           chunk: int) -> NamedArray:
+    """`_cross_entropy(_logits(head, x), targets)` [batch, position], computed `chunk` positions at a time
+    (lax.scan, the sequence zero-padded to a multiple): each step builds only its own [batch, chunk,
+    vocab] logits, and jax.checkpoint makes the backward pass rebuild them rather than keep them."""
+    x = x.rearrange(("batch", "position", "embed"))
+    Batch, Pos, Embed = x.axes
+    n = -(-Pos.size // chunk)
+    pad = n * chunk - Pos.size
+    xs = jnp.pad(x.array, ((0, 0), (0, pad), (0, 0))).reshape(Batch.size, n, chunk, Embed.size).swapaxes(0, 1)
+    ts = jnp.pad(targets.rearrange((Batch, Pos)).array, ((0, 0), (0, pad))).reshape(Batch.size, n, chunk).swapaxes(0, 1)
+    Chunk = Pos.resize(chunk)
+
+    @jax.checkpoint
+    def step(_, chunk_inputs):
+        x_c, t_c = chunk_inputs
+        logits = _logits(head, hax.named(x_c, (Batch, Chunk, Embed)), vocab_size)
+        return None, _cross_entropy(logits, hax.named(t_c, (Batch, Chunk))).rearrange((Batch, Chunk)).array
+
+    _, losses = jax.lax.scan(step, None, (xs, ts))  # [n, batch, chunk]
+    return hax.named(losses.swapaxes(0, 1).reshape(Batch.size, n * chunk)[:, : Pos.size], (Batch, Pos))
+
+
 def token_losses(model: GPTNeoX, tokens: jax.Array, mask: jax.Array | None = None) -> tuple[NamedArray, NamedArray]:
     """Per-position cross-entropy [batch, position] (float32) and the 0/1 mask of positions that count.
 
     `tokens` is int32 [batch, seq_len+1]; `mask` [batch, seq_len] marks the targets that count
-    (0 for padding); None counts them all.
+    (0 for padding); None counts them all. With model.loss_chunk set, the logits are built that many
+    positions at a time (the same numbers, without holding [batch, seq_len, vocab] float32 logits).
     """
     inputs, targets = _split(tokens)
-    logits = model(inputs)
-    log_z = hax.nn.logsumexp(logits, axis="vocab")
-    target_logit = hax.take(logits, "vocab", targets)
-    losses = log_z - target_logit
+    x, head = model.hidden(inputs)
+    c = model.config
+    if c.loss_chunk and c.loss_chunk < targets.resolve_axis("position").size:
+        losses = _chunked_cross_entropy(head, x, targets, c.vocab_size, c.loss_chunk)
+    else:
+        losses = _cross_entropy(_logits(head, x, c.vocab_size), targets).rearrange(targets.axes)
     weights = hax.ones_like(losses) if mask is None else hax.named(mask.astype(jnp.float32), losses.axes)
     return losses * weights, weights
 

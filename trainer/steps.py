@@ -17,6 +17,7 @@ Hessian refreshes are all at step n, whatever was skipped; `optim/skipped_steps`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, NamedTuple
 
 import haliax as hax
@@ -28,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import sophia_jax
 from sophia_jax.microbatches import accumulate
 from trainer import sharding
+from trainer.attention import resolve_implementation
 from trainer.config import TrainConfig
 from trainer.data.loader import batch_shards
 from trainer.model import GPTNeoX, logits_fn, token_losses
@@ -92,6 +94,10 @@ class Trainer:
     def __init__(self, config: TrainConfig, mesh: Mesh):
         if config.model.vocab_size is None:
             raise ValueError("model.vocab_size is unset: set it, or let main() take it from the dataset")
+        # "auto" attention is resolved for the mesh's devices (a TPU topology compiled on a CPU host is TPU).
+        attention = resolve_implementation(config.model.attention, mesh.devices.flat[0].platform,
+                                           config.model.compute_dtype)
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, attention=attention))
         self.config, self.mesh = config, mesh
         opt, tc = config.optimizer, config.trainer
         self.sophia = isinstance(opt, SophiaGConfig)

@@ -79,6 +79,7 @@ def setup(config: TrainConfig, name: str = "run") -> Run:
     run_dir = config.run_dir or f"runs/{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     config = dataclasses.replace(config, model=model, run_dir=run_dir)
     trainer = Trainer(config, mesh)
+    config = trainer.config  # with "auto" settings resolved for these devices
     tc, seq = config.trainer, model.seq_len
     run_path = epath.Path(run_dir)
     run_path.mkdir(parents=True, exist_ok=True)
