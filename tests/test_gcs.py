@@ -155,7 +155,8 @@ def test_gs_run_killed_resumed_and_through_an_outage_matches_a_local_run_bit_for
     result = run(RUN, gs_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from gs://bucket/runs/tiny/checkpoints/" in result.stderr
-    assert records(fs.cat("bucket/runs/tiny/metrics.jsonl").decode()) == records(Path(straight, "metrics.jsonl").read_text())
+    local_records = records(Path(straight, "metrics.jsonl").read_text())
+    assert records(fs.cat("bucket/runs/tiny/metrics.jsonl").decode()) == local_records
     assert "vocab_size: 384" in fs.cat("bucket/runs/tiny/config.yaml").decode()
     (state, extras), (ref_state, ref_extras) = final_state(RUN), final_state(straight)
     assert extras["loader"] == ref_extras["loader"] == {"step": STEPS, "seed": 0, "global_batch": 8, "seq_len": 32}

@@ -119,7 +119,8 @@ def distributed_args(config: MeshConfig, environ: Mapping[str, str] = os.environ
                 try:
                     value = int(value)
                 except ValueError:
-                    raise ValueError(f"{var}={environ[var]!r} is not an integer; set it to a number or unset it") from None
+                    raise ValueError(f"{var}={environ[var]!r} is not an integer; set it to a number or unset "
+                                     "it") from None
         if value is not None:
             values[name] = (value, source)
     auto = config.distributed or environ.get("SOPHIA_DISTRIBUTED") == "1"
