@@ -6,7 +6,8 @@ A checkpoint is one orbax step directory under `<run_dir>/checkpoints/` holding
   extras/  JSON: the data-loader position, the resolved config and anything else the trainer adds.
 orbax finalizes a step only when every host has finished (a rename locally, a commit marker on gs://),
 so a crash mid-save never replaces the last complete checkpoint. Paths are `etils.epath` paths (what
-orbax uses): local directories and gs:// alike.
+orbax uses): local directories and gs:// alike (trainer/storage.py). Every process takes part in saving
+and restoring; only process 0 sets checkpoints aside and trims metrics.jsonl.
 
 Resuming (`resume`) skips a finalized checkpoint only when it is provably damaged (its files are
 missing, truncated or undecodable); any other failure to read it (an I/O, permission or network error)
@@ -26,11 +27,15 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from trainer import storage
+
 __all__ = [
     "CheckpointConfig",
+    "CheckpointDamaged",
     "CheckpointReadError",
     "Checkpointer",
     "PreemptionGuard",
@@ -87,7 +92,10 @@ class Checkpointer:
             preservation_policy=_preservation.AnyPreservationPolicy(policies),
             enable_async_checkpointing=config.async_save,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extras"))
+        try:  # lists the directory: an unreachable storage stops here, before anything changes
+            self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extras"))
+        except Exception as error:
+            raise CheckpointReadError(self.directory, error, listing=True) from error
 
     def due(self, step: int) -> bool:
         """Whether the policy asks for a checkpoint after `step`."""
@@ -105,9 +113,13 @@ class Checkpointer:
         self._last_save = self._clock()
 
     def steps(self) -> list[int]:
-        """Steps of the complete checkpoints, oldest first."""
-        self._manager.reload()
-        return sorted(self._manager.all_steps())
+        """Steps of the complete checkpoints, oldest first. Raises CheckpointReadError when the directory
+        cannot be listed (an outage must not read as "no checkpoints")."""
+        try:
+            self._manager.reload()
+            return sorted(self._manager.all_steps())
+        except Exception as error:
+            raise CheckpointReadError(self.directory, error, listing=True) from error
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """The state (laid out as `abstract_state`'s shardings, which may differ from the saved ones) and extras."""
@@ -121,15 +133,31 @@ class Checkpointer:
         reason (storage, permissions, network)."""
         for step in reversed(self.steps()):
             try:
-                state, extras = self.restore(step, abstract_state)
-            except Exception as error:
-                if not is_damage(error):
-                    raise CheckpointReadError(self.directory / str(step), error) from error
-                logger.warning("checkpoint %s/%d is damaged (%s: %s); trying the one before it",
-                               self.directory, step, type(error).__name__, _first_line(error))
-                continue
-            return step, state, extras
+                return (step, *self.restore_agreed(step, abstract_state))
+            except CheckpointDamaged as damaged:
+                cause = damaged.__cause__ or damaged
+                logger.warning("checkpoint %s/%d is damaged (%s); trying the one before it",
+                               self.directory, step, storage.describe(cause))
         return None
+
+    def restore_agreed(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """`restore(step)`, with every process agreeing on the outcome so that all resume from the same step:
+        each says how its own restore went and all follow the worst. Raises CheckpointReadError when it
+        could not be read anywhere for a reason other than damage, CheckpointDamaged when it is damaged
+        anywhere (and no read error occurred)."""
+        error = None
+        try:
+            state, extras = self.restore(step, abstract_state)
+        except Exception as e:
+            error = e
+        outcome = _agree(_RESTORED if error is None else _DAMAGED if is_damage(error) else _READ_ERROR)
+        path = self.directory / str(step)
+        if outcome == _READ_ERROR:
+            raise CheckpointReadError(path, error or RuntimeError("another process could not read it")) from error
+        if outcome == _DAMAGED:
+            raise CheckpointDamaged(f"checkpoint {path} is damaged") from (
+                error or RuntimeError("another process found it damaged"))
+        return state, extras
 
     def set_aside_after(self, step: int) -> list[int]:
         """Renames the checkpoints newer than `step` (damaged ones, or with --resume_from a later future)
@@ -160,13 +188,26 @@ class Checkpointer:
         self._manager.close()
 
 
+# Outcomes of one restore attempt, ordered by severity (the processes follow the largest).
+_RESTORED, _DAMAGED, _READ_ERROR = 0, 1, 2
+
+
+def _agree(outcome: int) -> int:
+    """The most severe outcome over all processes (this one's alone in a single-process run)."""
+    if jax.process_count() == 1:
+        return outcome
+    from jax.experimental import multihost_utils
+
+    return int(np.max(multihost_utils.process_allgather(np.int32(outcome))))
+
+
 def read_extras(step_dir: str | os.PathLike) -> dict[str, Any]:
     """The JSON extras of one checkpoint step directory, without restoring its arrays."""
-    path = epath.Path(step_dir) / "extras" / "metadata"
-    if not path.is_file():
+    text = storage.read_text_if_exists(epath.Path(step_dir) / "extras" / "metadata")
+    if text is None:
         raise FileNotFoundError(f"{step_dir} is not a complete sophia-jax checkpoint (no extras/metadata); "
                                 "pass a step directory such as RUN_DIR/checkpoints/1000")
-    return json.loads(path.read_text())
+    return json.loads(text)
 
 
 def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any], fields: Iterable[str]) -> None:
@@ -199,10 +240,11 @@ def trim_metrics(path: str | os.PathLike, last_step: int) -> int:
     checkpoint a run resumes from), so the resumed run appends without duplicating steps.
     Returns the number of lines dropped; a torn last line (crash mid-write) is dropped too."""
     path = epath.Path(path)
-    if not path.exists():
+    text = storage.read_text_if_exists(path)
+    if text is None:
         return 0
     kept, dropped = [], 0
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
@@ -212,9 +254,8 @@ def trim_metrics(path: str | os.PathLike, last_step: int) -> int:
             dropped += 1
         else:
             kept.append(line)
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
+    if dropped:
+        storage.write_text(path, "".join(line + "\n" for line in kept))
     return dropped
 
 
@@ -251,20 +292,23 @@ def is_damage(error: BaseException) -> bool:
     return False
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [""])[0][:300]
+class CheckpointDamaged(RuntimeError):
+    """A finalized checkpoint is provably damaged (its `__cause__` says how): resuming may skip it."""
 
 
 class CheckpointReadError(RuntimeError):
-    """A checkpoint could not be read for a reason that says nothing about its contents; nothing changed."""
+    """A checkpoint (or, with `listing`, the checkpoints directory) could not be read for a reason that says
+    nothing about its contents; nothing changed."""
 
-    def __init__(self, path: epath.Path, error: BaseException):
+    def __init__(self, path: epath.Path, error: BaseException, listing: bool = False):
         self.path = path
+        what = f"list the checkpoints in {path}" if listing else f"read checkpoint {path}"
+        hint = "" if listing else (" If you know this checkpoint is damaged, rename it (e.g. to "
+                                   f"{path.name}.damaged) and run again to resume from the one before it.")
         super().__init__(
-            f"could not read checkpoint {path} ({type(error).__name__}: {_first_line(error)}). This looks like a "
-            "storage, permission or network problem, not a damaged checkpoint, so nothing was changed: fix the "
-            "access (or wait for the storage to recover) and run again. If you know this checkpoint is damaged, "
-            f"rename it (e.g. to {path.name}.damaged) and run again to resume from the one before it.")
+            f"could not {what} ({storage.describe(error)}). This looks like a storage, "
+            "permission or network problem, not a damaged checkpoint, so nothing was changed: fix the access (or "
+            f"wait for the storage to recover) and run again.{hint}")
 
 
 class Resumed(NamedTuple):
@@ -281,11 +325,11 @@ def _source(checkpointer: Checkpointer, resume_from: str | None) -> tuple[Checkp
     checkpoints directory or a run directory (its latest step); None means the run's own directory."""
     if resume_from is None:
         return checkpointer, None
-    path = epath.Path(resume_from)
-    if (path / "extras").is_dir() and path.name.isdigit():
+    path = epath.Path(resume_from)  # exists(), not is_dir(): fsspec's is_dir reads an outage as "no"
+    if path.name.isdigit() and (path / "extras").exists():
         return Checkpointer(path.parent, CheckpointConfig(async_save=False)), int(path.name)
-    directory = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    if not directory.is_dir():
+    directory = path / "checkpoints" if (path / "checkpoints").exists() else path
+    if not directory.exists():
         raise FileNotFoundError(f"--resume_from {str(path)!r} does not exist; pass a checkpoint step directory "
                                 "(RUN_DIR/checkpoints/STEP) or a run directory")
     source = Checkpointer(directory, CheckpointConfig(async_save=False))
@@ -326,12 +370,10 @@ def resume(checkpointer: Checkpointer, abstract_state: Any, config: Mapping[str,
             check_resumable(saved, config, fields)
         if wanted is not None:
             try:
-                restored = (wanted, *source.restore(wanted, abstract_state))
-            except Exception as error:
-                if not is_damage(error):
-                    raise CheckpointReadError(source.directory / str(wanted), error) from error
-                raise ValueError(f"checkpoint {source.directory / str(wanted)} is damaged ({_first_line(error)}); "
-                                 "pass another --resume_from") from error
+                restored = (wanted, *source.restore_agreed(wanted, abstract_state))
+            except CheckpointDamaged as damaged:
+                raise ValueError(f"{damaged} ({storage.describe(damaged.__cause__)}); pass another --resume_from") \
+                    from damaged
         else:
             restored = source.restore_latest(abstract_state)
             if restored is None:
@@ -353,28 +395,36 @@ def resume(checkpointer: Checkpointer, abstract_state: Any, config: Mapping[str,
 
 
 class PreemptionGuard:
-    """Turns SIGTERM/SIGINT (a TPU preemption notice, Ctrl-C) into a flag the step loop polls.
+    """Turns SIGTERM/SIGINT (a TPU preemption notice, Ctrl-C) into a stop that the step loop polls.
 
-    The loop finishes its current step, saves and exits 0. A second signal while the flag is set
-    restores the default behaviour (a second Ctrl-C kills). On several hosts, all of them must stop at
-    the same step, so `should_stop(step)` asks JAX's preemption sync point instead (it needs
-    `jax.distributed.initialize()`, whose preemption service catches the notice on every host).
+    The loop finishes its current step, saves and exits 0. A second signal while the first is pending
+    restores the default behaviour (a second Ctrl-C kills).
+
+    With several processes all must stop at the same step, so `should_stop(step)` asks JAX's preemption
+    sync point (`multihost_utils.reached_preemption_sync_point`): `jax.distributed.initialize()` installs
+    a SIGTERM handler (its preemption notifier) that tells the coordination service, which picks a step
+    at which every process's `should_stop` returns True. That handler must stay in place - a Python
+    SIGTERM handler would replace it and the notice would never leave this process (seen on CPU with
+    jax 0.10.2: the processes ran on) - so the guard leaves SIGTERM alone and turns SIGINT into a SIGTERM
+    to itself, which the notifier relays like a preemption.
     """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._previous: dict[int, Any] = {}
+        self._distributed = False
 
     def __enter__(self) -> PreemptionGuard:
-        for sig in self.SIGNALS:
+        self._distributed = jax.process_count() > 1
+        signals = (signal.SIGINT,) if self._distributed else (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous.clear()
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal_name is not None:  # second signal: give up on a clean stop
@@ -382,9 +432,12 @@ class PreemptionGuard:
             signal.raise_signal(signum)
             return
         self.signal_name = signal.Signals(signum).name
+        if self._distributed:
+            os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier takes it to the coordination service
 
     def should_stop(self, step: int) -> bool:
-        if jax.process_count() > 1:  # every host must agree on the step; JAX's service relays the notice
+        """Whether to save and stop after `step` (on several processes: the same answer on all of them)."""
+        if self._distributed:
             from jax.experimental import multihost_utils
 
             return bool(multihost_utils.reached_preemption_sync_point(step))

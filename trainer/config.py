@@ -55,7 +55,10 @@ class TrainerConfig:
     peak_flops_per_device: float | None = None
     """Peak FLOP/s of one device for throughput/mfu; None = known by device kind (TPU, H100...) or null."""
     wandb: str = "disabled"
-    """Weights & Biases: 'disabled', 'offline' (writes <run_dir>/wandb, no network) or 'online'."""
+    """Weights & Biases: 'disabled', 'offline' (writes <wandb_dir>/wandb, no network) or 'online'."""
+    wandb_dir: str | None = None
+    """Local directory for wandb's files; None = run_dir when it is local, else
+    ~/.cache/sophia-jax/wandb/gs/<bucket>/<prefix> (wandb needs a disk; the run id stays in run_dir)."""
     wandb_project: str = "sophia-jax"
     """wandb project name."""
     wandb_name: str | None = None
@@ -64,6 +67,9 @@ class TrainerConfig:
     """wandb tags, comma-separated (e.g. "sophia,1.5b")."""
     progress: bool = True
     """Show a progress bar with the latest loss."""
+    metrics_flush_seconds: float = 30.0
+    """gs:// run_dir: rewrite metrics.jsonl (an object cannot be appended to) at most this often, and
+    before every checkpoint and at the end; 0 = on every logged step. A local file gets each line at once."""
 
     def __post_init__(self) -> None:
         for name in ("num_train_steps", "global_batch", "microbatches", "log_every", "eval_batches"):
@@ -78,6 +84,8 @@ class TrainerConfig:
         if self.global_batch % self.microbatches:
             raise ValueError(f"trainer.global_batch={self.global_batch} is not divisible by trainer.microbatches="
                              f"{self.microbatches}; use a batch that is a multiple of the microbatch count")
+        if self.metrics_flush_seconds < 0:
+            raise ValueError(f"trainer.metrics_flush_seconds={self.metrics_flush_seconds}; use seconds >= 0")
         if self.wandb not in ("disabled", "offline", "online"):
             raise ValueError(f"trainer.wandb={self.wandb!r}; use 'disabled', 'offline' or 'online'")
 

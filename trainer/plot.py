@@ -1,4 +1,7 @@
-"""`sophia-plot RUN_DIR [RUN_DIR ...]`: one PNG comparing the loss, eval loss and win-rate curves of runs."""
+"""`sophia-plot RUN_DIR [RUN_DIR ...]`: one PNG comparing the loss, eval loss and win-rate curves of runs.
+
+Run directories and the output may be local paths or gs:// URLs (etils.epath, as the trainer writes them).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+from etils import epath
+
+from trainer import storage
 
 matplotlib.use("Agg")  # files only; no display needed
 
@@ -20,11 +26,12 @@ PANELS = (("train/loss", "train loss"), ("eval/loss", "eval loss"), ("optim/win_
 
 def load_metrics(run_dir: str | Path) -> list[dict]:
     """The records of `<run_dir>/metrics.jsonl`, in file order (a torn last line is ignored)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    path = epath.Path(run_dir) / "metrics.jsonl"
+    text = storage.read_text_if_exists(path)
+    if text is None:
         raise FileNotFoundError(f"{path} does not exist; pass run directories written by sophia-train")
     records = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             records.append(json.loads(line))
         except ValueError:
@@ -41,7 +48,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> matplotlib.fig
             points = [(r["step"], r[key]) for r in records if r.get(key) is not None and "step" in r]
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, label=Path(run_dir).name)
+                ax.plot(steps, values, label=epath.Path(run_dir).name)
     for ax, (key, title) in zip(axes, PANELS):
         ax.set_title(title)
         ax.set_xlabel("step")
@@ -50,7 +57,8 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path) -> matplotlib.fig
             ax.legend(fontsize="small")
         else:
             ax.text(0.5, 0.5, f"no {key} in these runs", ha="center", va="center", transform=ax.transAxes)
-    fig.savefig(out, dpi=110)
+    with epath.Path(out).open("wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     return fig
 
 
@@ -59,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", help="run directories holding metrics.jsonl")
     parser.add_argument("--out", default=None, help="PNG path (default: <first run_dir>/curves.png)")
     args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "curves.png"
+    out = epath.Path(args.out) if args.out else epath.Path(args.run_dirs[0]) / "curves.png"
     plot_runs(args.run_dirs, out)
     print(f"wrote {out}")
     return 0

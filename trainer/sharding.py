@@ -16,6 +16,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
+from collections.abc import Mapping
+from typing import Any
 
 import haliax as hax
 import jax
@@ -27,6 +30,7 @@ __all__ = [
     "MeshConfig",
     "batch_sharding",
     "compute_mapping",
+    "distributed_args",
     "make_mesh",
     "maybe_initialize_distributed",
     "param_mapping",
@@ -67,7 +71,15 @@ class MeshConfig:
     """Tensor parallelism over heads / mlp / vocab."""
     distributed: bool = False
     """Call jax.distributed.initialize() before anything else (multi-host); also set by
-    SOPHIA_DISTRIBUTED=1. On TPU pods and SLURM the coordinator is found automatically."""
+    SOPHIA_DISTRIBUTED=1. On TPU pods and SLURM JAX finds the coordinator, process count and id itself
+    (any of the three below that is set is passed on)."""
+    coordinator_address: str | None = None
+    """HOST:PORT where process 0 serves JAX's coordination service, for several processes off a TPU pod
+    (set it, num_processes and process_id on every process); also JAX_COORDINATOR_ADDRESS."""
+    num_processes: int | None = None
+    """How many processes take part (with coordinator_address); also JAX_NUM_PROCESSES."""
+    process_id: int | None = None
+    """This process's index in [0, num_processes) (with coordinator_address); also JAX_PROCESS_ID."""
 
     def sizes(self, num_devices: int) -> tuple[int, int, int]:
         """(data, fsdp, model) with -1 resolved; raises when they do not multiply to num_devices."""
@@ -86,10 +98,57 @@ class MeshConfig:
         return tuple(sizes)
 
 
+_ENV = {"coordinator_address": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
+        "process_id": "JAX_PROCESS_ID"}
+
+
+def distributed_args(config: MeshConfig, environ: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
+    """The arguments of `jax.distributed.initialize` for this process, or None for a single-process run.
+
+    Each of coordinator_address, num_processes and process_id comes from `--mesh.<name>`, else from its
+    JAX_* variable. `distributed` (or SOPHIA_DISTRIBUTED=1) initializes with whichever are set, JAX
+    detecting the rest (TPU VMs, SLURM); otherwise any of them set asks for all three. Raises ValueError,
+    naming the fix, on partial or out-of-range settings.
+    """
+    values: dict[str, Any] = {}
+    for name, var in _ENV.items():
+        value, source = getattr(config, name), f"--mesh.{name}"
+        if value is None and environ.get(var, "").strip():
+            value, source = environ[var].strip(), var
+            if name != "coordinator_address":
+                try:
+                    value = int(value)
+                except ValueError:
+                    raise ValueError(f"{var}={environ[var]!r} is not an integer; set it to a number or unset "
+                                     "it") from None
+        if value is not None:
+            values[name] = (value, source)
+    auto = config.distributed or environ.get("SOPHIA_DISTRIBUTED") == "1"
+    if not values and not auto:
+        return None
+    if not auto and len(values) < 3:
+        missing = ", ".join(f"--mesh.{n} (or {_ENV[n]})" for n in _ENV if n not in values)
+        given = ", ".join(source for _, source in values.values())
+        raise ValueError(f"{given} set but not {missing}: a multi-process run needs all three on every process "
+                         "(or --mesh.distributed true where JAX finds them itself: TPU VMs, SLURM)")
+    address = values.get("coordinator_address")
+    if address is not None and not re.fullmatch(r"\S+:\d{1,5}", address[0]):
+        raise ValueError(f"{address[1]}={address[0]!r}: use HOST:PORT, the address of process 0 (e.g. 10.0.0.2:8476)")
+    count, pid = values.get("num_processes"), values.get("process_id")
+    if count is not None and count[0] < 1:
+        raise ValueError(f"{count[1]}={count[0]}: use the number of processes, >= 1")
+    if pid is not None and (pid[0] < 0 or (count is not None and pid[0] >= count[0])):
+        bound = f"[0, {count[0]})" if count is not None else "0 or more"
+        raise ValueError(f"{pid[1]}={pid[0]} is out of range: give each process an id in {bound}")
+    return {name: value for name, (value, _) in values.items()}
+
+
 def maybe_initialize_distributed(config: MeshConfig) -> None:
-    """jax.distributed.initialize() when the config or SOPHIA_DISTRIBUTED=1 asks for it (before any JAX use)."""
-    if config.distributed or os.environ.get("SOPHIA_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
+    """`jax.distributed.initialize(**distributed_args(config))` when they ask for several processes (before
+    any other JAX use; a second call in the same process does nothing)."""
+    args = distributed_args(config)
+    if args is not None and not jax.distributed.is_initialized():
+        jax.distributed.initialize(**args)
 
 
 def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:

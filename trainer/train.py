@@ -4,7 +4,12 @@
     sophia-train --help                                                        (every key, with its doc)
 
 With no arguments it trains configs/neox_tiny.yaml on the embedded corpus (this Python's standard library
-source, tokenized on the spot) and writes <run_dir>/metrics.jsonl and <run_dir>/config.yaml.
+source, tokenized on the spot) and writes <run_dir>/metrics.jsonl and <run_dir>/config.yaml. run_dir may be
+a local directory or gs://bucket/prefix (trainer/storage.py).
+
+Several processes (a TPU pod's hosts, or `--mesh.coordinator_address/num_processes/process_id`) run the
+same command: each reads only its rows of every batch, all take part in checkpoints, and process 0 alone
+writes the bookkeeping (metrics.jsonl, config.yaml, wandb).
 
 `setup` builds a run (data, mesh, compiled steps, state - resumed from a checkpoint when the run directory
 holds one) and refuses bad input before anything runs; `run_loop` takes the steps through
@@ -27,7 +32,7 @@ import jax
 import yaml
 from etils import epath
 
-from trainer import sharding
+from trainer import sharding, storage
 from trainer.checkpoint import Checkpointer, CheckpointReadError, PreemptionGuard, resume
 from trainer.config import TrainConfig, build_config, load_values, parse_args, to_dict, usage
 from trainer.data.config import open_dataset
@@ -65,25 +70,40 @@ class Run(NamedTuple):
 def setup(config: TrainConfig, name: str = "run") -> Run:
     """Builds the data, mesh, model, optimizer and state of `config`, resuming from a checkpoint when the
     run directory holds one (or `config.resume_from` names one). Raises ValueError / FileNotFoundError /
-    CheckpointReadError, naming the problem, on bad input."""
+    CheckpointReadError / StorageError, naming the problem, on bad input or unreachable storage."""
+    storage.configure()
     sharding.maybe_initialize_distributed(config.mesh)
     mesh = sharding.make_mesh(config.mesh)
-    train_data = open_dataset(config.data, "train", log=logger.info)
-    val_data = open_dataset(config.data, "validation")
+    if config.run_dir is None and jax.process_count() > 1:
+        raise ValueError(f"{jax.process_count()} processes need --run_dir: each would make its own timestamped "
+                         "directory; give all of them the same one (gs://BUCKET/PREFIX on a pod)")
+    run_dir = config.run_dir or f"runs/{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_path = epath.Path(run_dir)
+    if jax.process_count() > 1 and not storage.is_remote(run_dir):
+        logger.warning("run_dir %s is local: every process must see the same directory (one machine or a shared "
+                       "filesystem); on a pod use gs://", run_dir)
+    storage.make_dirs(run_path)
+    # The run directory is read first: a storage outage stops the run here, before the data loads.
+    checkpointer = Checkpointer(run_path / "checkpoints", config.checkpoint)
+    try:
+        train_data = open_dataset(config.data, "train", log=logger.info)
+        val_data = open_dataset(config.data, "validation")
+    except OSError as error:
+        if isinstance(error, (FileNotFoundError, storage.StorageError)):
+            raise
+        raise storage.StorageError(f"could not read the token cache {config.data.cache} ({storage.describe(error)});"
+                                   " check the path and its access (or wait for the storage to recover) and run "
+                                   "again") from error
     model = config.model
     if model.vocab_size is None:
         model = dataclasses.replace(model, vocab_size=train_data.vocab_size)
     elif model.vocab_size < train_data.vocab_size:
         raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than the data's vocabulary "
                          f"({train_data.vocab_size}); raise it or leave it null")
-    run_dir = config.run_dir or f"runs/{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     config = dataclasses.replace(config, model=model, run_dir=run_dir)
     trainer = Trainer(config, mesh)
     config = trainer.config  # with "auto" settings resolved for these devices
     tc, seq = config.trainer, model.seq_len
-    run_path = epath.Path(run_dir)
-    run_path.mkdir(parents=True, exist_ok=True)
-    checkpointer = Checkpointer(run_path / "checkpoints", config.checkpoint)
 
     resumed = resume(checkpointer, trainer.abstract_state(), to_dict(config), RESUME_FIELDS,
                      resume_from=config.resume_from, metrics_path=run_path / "metrics.jsonl")
@@ -97,7 +117,7 @@ def setup(config: TrainConfig, name: str = "run") -> Run:
         loader = BatchLoader(train_data, seq_len=seq, global_batch=tc.global_batch, seed=config.seed,
                              sharding=trainer.batch_sharding, prefetch=config.data.prefetch)
     if jax.process_index() == 0:
-        (run_path / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+        storage.write_text(run_path / "config.yaml", yaml.safe_dump(to_dict(config), sort_keys=False))
     hessian_loader = None
     if trainer.sophia:
         hessian_loader = BatchLoader(train_data, seq_len=seq, global_batch=trainer.hessian_batch,
@@ -166,7 +186,7 @@ def run_loop(run: Run) -> dict[str, Any]:
     writer = MetricsWriter(run_dir, config=to_dict(config), total_steps=tc.num_train_steps,
                            start_step=run.start_step, wandb_mode=tc.wandb, wandb_project=tc.wandb_project,
                            name=tc.wandb_name or run_dir.name, tags=[t for t in tc.wandb_tags.split(",") if t],
-                           progress=tc.progress)
+                           progress=tc.progress, wandb_dir=tc.wandb_dir, flush_seconds=tc.metrics_flush_seconds)
     throughput = _Throughput(trainer)
     last = {"record": {}, "skipped": int(jax.device_get(run.state.skipped)), "estimator": {}}
 
@@ -184,6 +204,7 @@ def run_loop(run: Run) -> dict[str, Any]:
         last["record"] = writer.log(step, record)
 
     def save(step: int, state: TrainState, record: dict[str, Any]) -> None:
+        writer.flush()  # metrics.jsonl holds every line up to a checkpoint before the checkpoint can exist
         checkpointer.save(step, state, {"loader": run.loader.state(), "config": to_dict(config)})
 
     hooks = [Hook(tc.eval_every, evaluate), Hook(tc.log_every, log)]
@@ -212,7 +233,20 @@ def run_loop(run: Run) -> dict[str, Any]:
         checkpointer.close()
         writer.close()
         run.loader.close()
+        logger.info("%s", _reads(run))
     return last["record"]
+
+
+def _reads(run: Run) -> str:
+    """What this process read, for the log: each process reads only its own rows of every batch."""
+    loader, hessian = run.loader, run.hessian_loader
+    line = (f"process {jax.process_index()} of {jax.process_count()} read train {loader.dataset.reads} in rows "
+            f"[{loader.rows[0]}, {loader.rows[1]}) of each batch of {loader.global_batch}")
+    if hessian is not None:
+        line += f" and [{hessian.rows[0]}, {hessian.rows[1]}) of each Hessian batch of {hessian.global_batch}"
+    if run.eval_batches is not None:
+        line += f"; validation {run.eval_batches.dataset.reads}"
+    return line
 
 
 def train(config: TrainConfig, name: str = "run") -> dict[str, Any]:
@@ -260,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(usage(config, name), end="")
                 return 0
             run = setup(config, name)
-        except (ValueError, FileNotFoundError, CheckpointReadError) as error:
+        except (ValueError, FileNotFoundError, CheckpointReadError, storage.StorageError) as error:
             print(f"sophia-train: {error}", file=sys.stderr)
             return 2
         if run.start_step >= config.trainer.num_train_steps:

@@ -51,11 +51,12 @@ def read_index(cache: str) -> dict[str, Any]:
     """Loads and checks a cache's index.json; a missing one means the build never finished."""
     fs, root = fsspec.core.url_to_fs(cache)
     path = f"{root.rstrip('/')}/{INDEX_NAME}"
-    if not fs.isfile(path):
+    try:  # not fs.isfile(): it answers False when the storage cannot be reached, an outage is no "missing"
+        with fs.open(path, "rb") as f:
+            index = json.load(f)
+    except FileNotFoundError:
         raise FileNotFoundError(f"{cache!r} has no {INDEX_NAME}: it is not a finished token cache; "
-                                "(re)run `sophia-data tokenize ... --out` to build or finish it")
-    with fs.open(path, "rb") as f:
-        index = json.load(f)
+                                "(re)run `sophia-data tokenize ... --out` to build or finish it") from None
     if index.get("format") != FORMAT_NAME or index.get("version") != FORMAT_VERSION:
         raise ValueError(f"{cache!r}: index is format {index.get('format')!r} v{index.get('version')}, this code "
                          f"reads {FORMAT_NAME!r} v{FORMAT_VERSION}; rebuild the cache with this version")

@@ -8,6 +8,8 @@ only on (seed, epoch) - never on the number of hosts - and the loader's whole po
 
 Each host reads only the rows its addressable devices hold and builds the global `jax.Array` with
 `jax.make_array_from_process_local_data`; a background thread prepares `prefetch` batches ahead.
+`TokenDataset.reads` counts what a process read (sequences and an order-free digest of their indices), so
+a run can show that its processes together read exactly what one process would, each its own part.
 Local caches are memory-mapped; remote ones (gs://, any fsspec URL) are read with concurrent range reads.
 """
 
@@ -26,7 +28,38 @@ import numpy as np
 from trainer.data.format import INDEX_NAME, SPLITS, read_index
 from trainer.data.sources import is_local
 
-__all__ = ["BatchLoader", "EvalBatches", "FeistelPermutation", "TokenDataset", "batch_shards", "host_row_range"]
+__all__ = ["BatchLoader", "EvalBatches", "FeistelPermutation", "ReadCount", "TokenDataset", "batch_shards",
+           "host_row_range"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-spread 64-bit hash of each uint64."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class ReadCount:
+    """What one process read from a dataset: `sequences` (rows, repeats counted) and `digest`, the sum mod
+    2**64 of a 64-bit hash of each row's sequence index. Sums are order-free and add up: the reads of
+    several processes together equal one process's reads exactly when their counts and digests add up to
+    its (up to a 2**-64 chance)."""
+
+    def __init__(self) -> None:
+        self.sequences, self.digest = 0, 0
+        self._lock = threading.Lock()  # the prefetch thread and the main thread may read at once
+
+    def add(self, indices: np.ndarray) -> None:
+        hashed = _mix64(np.asarray(indices, dtype=np.uint64) + np.uint64(1))
+        total = int(np.sum(hashed, dtype=np.uint64))  # wraps mod 2**64, as the digest does
+        with self._lock:
+            self.sequences += int(indices.size)
+            self.digest = (self.digest + total) & _MASK64
+
+    def __repr__(self) -> str:
+        return f"{self.sequences} sequences (digest {self.digest:016x})"
 
 
 class TokenDataset:
@@ -61,6 +94,7 @@ class TokenDataset:
         sizes = np.array([s["num_tokens"] for s in info["shards"]], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(sizes)])  # shard k holds stream [starts[k], starts[k+1])
         self._maps: list[np.memmap | None] = [None] * len(self._paths)
+        self.reads = ReadCount()  # what this process has read (see ReadCount)
 
     def __repr__(self) -> str:
         return f"TokenDataset({self.cache!r}, {self.split!r}, num_tokens={self.num_tokens:,})"
@@ -79,6 +113,7 @@ class TokenDataset:
             raise IndexError(f"sequence indices must lie in [0, {n}) for seq_len={seq_len}; got "
                              f"[{indices.min()}, {indices.max()}]")
         out = np.empty((indices.size, seq_len + 1), dtype=np.int32)
+        self.reads.add(indices)
         # Split each row's token range at shard boundaries: (row, column offset, shard, start, stop).
         pieces = []
         for row, begin in enumerate(indices * seq_len):

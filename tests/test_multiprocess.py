@@ -1,0 +1,189 @@
+"""`sophia-train` as several JAX processes (2 local processes x 4 CPU devices, a localhost coordinator,
+gloo collectives) against one process with 8 devices: the same losses and params, each process reading
+only its own half of every batch, one SIGTERM stopping both at the same step, and the resume finishing
+the run. Also: the multi-process settings are validated with one-line errors."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+
+from gcs import free_port
+from test_trainer import assert_params_close
+from trainer.checkpoint import CheckpointConfig, Checkpointer
+from trainer.config import build_config
+from trainer.sharding import MeshConfig, distributed_args, make_mesh
+from trainer.steps import Trainer
+
+STEPS = 10
+READS = re.compile(r"process (\d) of (\d) read train (\d+) sequences \(digest ([0-9a-f]{16})\) in rows \[(\d+), (\d+)\) "
+                   r"of each batch of 16 and \[(\d+), (\d+)\) of each Hessian batch of 8; validation (\d+) sequences "
+                   r"\(digest ([0-9a-f]{16})\)")
+
+
+def command(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
+    # k = 3: Hessian refreshes on steps 3, 6, 9; evaluation on 5 and 10; checkpoints only at a stop and the end.
+    return [sys.executable, "-m", "trainer.train", "--run_dir", str(run_dir),
+            "--trainer.num_train_steps", str(STEPS), "--trainer.log_every", "1", "--trainer.eval_every", "5",
+            "--trainer.eval_batches", "2", "--trainer.global_batch", "16", "--trainer.progress", "false",
+            "--model.hidden_dim", "32", "--model.num_layers", "2", "--model.num_heads", "4", "--model.seq_len", "32",
+            "--optimizer.update_interval", "3", "--optimizer.warmup", "3", "--optimizer.learning_rate", "3e-3",
+            "--optimizer.hessian_batch_fraction", "0.5", "--checkpoint.every_steps", "null",
+            "--checkpoint.every_minutes", "null", "--data.prefetch", "0",  # exact read counts: nothing read ahead
+            "--data.embedded_dir", str(corpus), "--data.embedded.max_bytes", "300000",
+            "--data.embedded.vocab_size", "384", *extra]
+
+
+def env(devices: int) -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
+    out.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    return out
+
+
+def start_processes(run_dir: Path, corpus: Path) -> list[subprocess.Popen]:
+    """Process 0 and process 1 of one run, 4 CPU devices each, meeting at a localhost coordinator."""
+    port = free_port()
+    return [subprocess.Popen(command(run_dir, corpus, "--mesh.coordinator_address", f"127.0.0.1:{port}",
+                                     "--mesh.num_processes", "2", "--mesh.process_id", str(i)),
+                             env=env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+
+
+def finish(processes: list[subprocess.Popen], timeout: float = 900) -> list[str]:
+    """Each process's stderr once all have exited (all killed if one hangs)."""
+    try:
+        return [p.communicate(timeout=timeout)[1] for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+
+
+def reads(stderr: str) -> dict:
+    match = READS.search(stderr)
+    assert match, stderr[-3000:]
+    g = match.groups()
+    return {"process": int(g[0]), "count": int(g[1]), "train": int(g[2]), "digest": int(g[3], 16),
+            "rows": (int(g[4]), int(g[5])), "hessian_rows": (int(g[6]), int(g[7])), "validation": int(g[8]),
+            "validation_digest": int(g[9], 16)}
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_params(run_dir: Path, trainer: Trainer):
+    checkpointer = Checkpointer(run_dir / "checkpoints", CheckpointConfig(async_save=False))
+    state, _ = checkpointer.restore(STEPS, trainer.abstract_state())  # onto this process's 8 devices
+    checkpointer.close()
+    return state.params
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("corpus")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, corpus) -> tuple[Path, dict]:
+    """The run in one process with 8 devices, and what it read."""
+    run_dir = tmp_path_factory.mktemp("one-process") / "run"
+    result = subprocess.run(command(run_dir, corpus), env=env(8), capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, reads(result.stderr)
+
+
+def wait_for_step(run_dir: Path, step: int, processes: list[subprocess.Popen], timeout: float = 600) -> None:
+    path, deadline = run_dir / "metrics.jsonl", time.monotonic() + timeout
+    while not (path.exists() and any(line.endswith("}") and json.loads(line)["step"] >= step
+                                     for line in path.read_text().splitlines())):
+        assert all(p.poll() is None for p in processes), "a process ended before the signal point"
+        assert time.monotonic() < deadline, f"step {step} not reached"
+        time.sleep(0.01)
+
+
+def test_two_processes_match_one_stop_together_and_read_only_their_rows(tmp_path, corpus, reference):
+    ref_dir, ref_reads = reference
+    run_dir = tmp_path / "run"
+
+    # Session 1: a SIGTERM to process 1 alone (its host is preempted) stops both, at the same step.
+    processes = start_processes(run_dir, corpus)
+    try:
+        wait_for_step(run_dir, 2, processes)
+        processes[1].send_signal(signal.SIGTERM)
+    finally:
+        first = finish(processes)
+    assert [p.returncode for p in processes] == [0, 0], first[0][-3000:] + first[1][-3000:]
+    stopped = {int(m) for err in first for m in re.findall(r"received: saved step (\d+) to", err)}
+    assert len(stopped) == 1 and all(re.search(r"received: saved step \d+", err) for err in first), first
+    stop = stopped.pop()
+    assert 2 <= stop < STEPS
+    assert Checkpointer(run_dir / "checkpoints").steps() == [stop]
+    assert [r["step"] for r in records(run_dir)] == list(range(1, stop + 1))
+
+    # Session 2: both resume from that checkpoint and finish.
+    processes = start_processes(run_dir, corpus)
+    second = finish(processes)
+    assert [p.returncode for p in processes] == [0, 0], second[0][-3000:] + second[1][-3000:]
+    assert all(f"checkpoints/{stop}" in err and "resuming from" in err for err in second)
+
+    # Only process 0 wrote the bookkeeping: each step logged once, the config it resolved.
+    got, ref = records(run_dir), records(ref_dir)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["mesh"]["process_id"] == 0 and config["mesh"]["num_processes"] == 2
+    # The same run as one process: losses (float32 sums in another order) and params.
+    np.testing.assert_allclose([r["train/loss"] for r in got], [r["train/loss"] for r in ref], rtol=1e-5)
+    np.testing.assert_allclose([r["eval/loss"] for r in got if "eval/loss" in r],
+                               [r["eval/loss"] for r in ref if "eval/loss" in r], rtol=1e-5)
+    assert [r["optim/hessian_updates"] for r in got] == [s // 3 for s in range(1, STEPS + 1)]
+    resolved = build_config(yaml.safe_load((ref_dir / "config.yaml").read_text()))
+    trainer = Trainer(resolved, make_mesh(MeshConfig()))
+    assert_params_close(final_params(run_dir, trainer), final_params(ref_dir, trainer), steps=STEPS)
+
+    # Each process read only its rows: disjoint halves of every batch, together exactly what one process
+    # read (counts and order-free digests of the sequence indices add up).
+    per = [[reads(session[i]) for session in (first, second)] for i in range(2)]
+    assert [(s["process"], s["count"]) for p in per for s in p] == [(0, 2), (0, 2), (1, 2), (1, 2)]
+    assert [p[0]["rows"] for p in per] == [(0, 8), (8, 16)] and ref_reads["rows"] == (0, 16)
+    assert [p[0]["hessian_rows"] for p in per] == [(0, 4), (4, 8)]
+    mask = (1 << 64) - 1
+    for kind, digest in (("train", "digest"), ("validation", "validation_digest")):
+        assert ref_reads[kind] > 0
+        assert [sum(s[kind] for s in p) for p in per] == [ref_reads[kind] // 2] * 2
+        assert sum(s[digest] for p in per for s in p) & mask == ref_reads[digest]
+
+
+def test_multi_process_settings_come_from_flags_or_environment_and_are_checked():
+    assert distributed_args(MeshConfig(), {}) is None
+    full = {"JAX_COORDINATOR_ADDRESS": "10.0.0.2:8476", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+    assert distributed_args(MeshConfig(), full) == {"coordinator_address": "10.0.0.2:8476", "num_processes": 4,
+                                                    "process_id": 3}
+    flags = MeshConfig(coordinator_address="h:1", num_processes=2, process_id=1)
+    assert distributed_args(flags, full) == {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
+    assert distributed_args(MeshConfig(distributed=True), {}) == {}  # a TPU VM: JAX finds all three
+    assert distributed_args(MeshConfig(), {"SOPHIA_DISTRIBUTED": "1", "JAX_PROCESS_ID": "2"}) == {"process_id": 2}
+    for config, environ, message in [
+        (MeshConfig(num_processes=2), {}, "--mesh.num_processes set but not --mesh.coordinator_address (or "
+                                          "JAX_COORDINATOR_ADDRESS), --mesh.process_id (or JAX_PROCESS_ID)"),
+        (MeshConfig(), {"JAX_COORDINATOR_ADDRESS": "h:1"}, "JAX_COORDINATOR_ADDRESS set but not"),
+        (MeshConfig(coordinator_address="h:1", num_processes=2, process_id=2), {},
+         "--mesh.process_id=2 is out of range: give each process an id in [0, 2)"),
+        (MeshConfig(), {**full, "JAX_PROCESS_ID": "-1"}, "JAX_PROCESS_ID=-1 is out of range"),
+        (MeshConfig(), {**full, "JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES='two' is not an integer"),
+        (MeshConfig(coordinator_address="h", num_processes=1, process_id=0), {},
+         "--mesh.coordinator_address='h': use HOST:PORT"),
+        (MeshConfig(coordinator_address="h:1", num_processes=0, process_id=0), {}, "--mesh.num_processes=0: use"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            distributed_args(config, environ)
