@@ -104,6 +104,8 @@ def compile_step(trainer: Trainer, step: str) -> StepFit:
     """Lowers and compiles `step` ("train" or "hessian") for the trainer's mesh; never runs it."""
     import jax
 
+    from trainer.fit import peak_bytes
+
     start = time.perf_counter()
     try:
         compiled = trainer.lower(step).compile()
@@ -114,9 +116,8 @@ def compile_step(trainer: Trainer, step: str) -> StepFit:
         return StepFit(step, time.perf_counter() - start, error=line.strip())
     seconds = time.perf_counter() - start
     m = compiled.memory_analysis()
-    peak = getattr(m, "peak_memory_in_bytes", 0) or (
-        m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
-    return StepFit(step, seconds, m.argument_size_in_bytes / GIB, m.temp_size_in_bytes / GIB, peak / GIB)
+    return StepFit(step, seconds, m.argument_size_in_bytes / GIB, m.temp_size_in_bytes / GIB,
+                   peak_bytes(m, "tpu") / GIB)
 
 
 def check_fit(argv: Sequence[str], topology: str, *, hbm_gib: float = V3_HBM_GIB,
@@ -138,6 +139,7 @@ def check_fit(argv: Sequence[str], topology: str, *, hbm_gib: float = V3_HBM_GIB
       ValueError, FileNotFoundError: a bad config, override, topology or mesh (with the problem named).
     """
     from trainer.config import load_config
+    from trainer.fit import fit_microbatches
     from trainer.model import num_params
     from trainer.sharding import MESH_AXES
     from trainer.steps import Trainer
@@ -146,6 +148,7 @@ def check_fit(argv: Sequence[str], topology: str, *, hbm_gib: float = V3_HBM_GIB
     if config.model.vocab_size is None:
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=vocab_size))
     mesh = topology_mesh(config, check_topology(topology))
+    config = fit_microbatches(config, mesh, limit_bytes=hbm_gib * GIB, log=lambda line: print(line, file=sys.stderr))
     trainer = Trainer(config, mesh)
     opt, tc = config.optimizer, config.trainer
     separate = trainer.sophia and not trainer.cond_mode

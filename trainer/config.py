@@ -41,8 +41,9 @@ class TrainerConfig:
     """Optimizer steps to take."""
     global_batch: int = 16
     """Sequences per optimizer step, over all devices and microbatches."""
-    microbatches: int = 1
-    """Gradient accumulation: the step scans over this many equal microbatches of the global batch."""
+    microbatches: int | str = 1
+    """Gradient accumulation: the step scans over this many equal microbatches of the global batch;
+    'auto' = the fewest whose compiled step fits the device memory (measured before the first step)."""
     log_every: int = 10
     """Write metrics (metrics.jsonl, wandb, progress bar) every this many steps (1 = every step)."""
     eval_every: int = 100
@@ -72,16 +73,18 @@ class TrainerConfig:
     before every checkpoint and at the end; 0 = on every logged step. A local file gets each line at once."""
 
     def __post_init__(self) -> None:
-        for name in ("num_train_steps", "global_batch", "microbatches", "log_every", "eval_batches"):
+        for name in ("num_train_steps", "global_batch", "log_every", "eval_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name}={getattr(self, name)} must be >= 1")
+        if self.microbatches != "auto" and (not isinstance(self.microbatches, int) or self.microbatches < 1):
+            raise ValueError(f"trainer.microbatches={self.microbatches!r}; use a count >= 1 or 'auto'")
         if self.eval_every < 0:
             raise ValueError(f"trainer.eval_every={self.eval_every}; use a step count, or 0 for no evaluation")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ValueError(f"trainer.eval_batch_size={self.eval_batch_size} must be >= 1 (or null)")
         if self.peak_flops_per_device is not None and self.peak_flops_per_device <= 0:
             raise ValueError(f"trainer.peak_flops_per_device={self.peak_flops_per_device}; use FLOP/s > 0 or null")
-        if self.global_batch % self.microbatches:
+        if self.microbatches != "auto" and self.global_batch % self.microbatches:
             raise ValueError(f"trainer.global_batch={self.global_batch} is not divisible by trainer.microbatches="
                              f"{self.microbatches}; use a batch that is a multiple of the microbatch count")
         if self.metrics_flush_seconds < 0:

@@ -93,8 +93,9 @@ class SophiaGConfig(OptimizerConfig):
     """Sophia's k: the Hessian estimate is refreshed after steps k, 2k, ..."""
     hessian_batch_fraction: float = 0.25
     """Sequences in a Hessian batch, as a fraction of trainer.global_batch (a separate, fresh stream)."""
-    hessian_microbatches: int = 1
-    """The Hessian batch is processed in this many microbatches (lax.scan), to bound activation memory."""
+    hessian_microbatches: int | str = 1
+    """The Hessian batch is processed in this many microbatches (lax.scan), to bound activation memory;
+    'auto' = the fewest whose compiled Hessian step fits the device memory."""
     hessian_mode: str = "separate"
     """'separate': its own compiled hessian_step after steps k, 2k, ... (the official order);
     'cond': inside train_step under lax.cond (one program; the estimate sees the pre-update params)."""
@@ -112,7 +113,9 @@ class SophiaGConfig(OptimizerConfig):
         _check(self.update_interval >= 1, "update_interval", self.update_interval, "use k >= 1")
         _check(0 < self.hessian_batch_fraction <= 1, "hessian_batch_fraction", self.hessian_batch_fraction,
                "use a fraction in (0, 1]")
-        _check(self.hessian_microbatches >= 1, "hessian_microbatches", self.hessian_microbatches, "use a value >= 1")
+        _check(self.hessian_microbatches == "auto" or (isinstance(self.hessian_microbatches, int)
+                                                       and self.hessian_microbatches >= 1),
+               "hessian_microbatches", self.hessian_microbatches, "use a count >= 1 or 'auto'")
         _check(self.hessian_mode in ("separate", "cond"), "hessian_mode", self.hessian_mode,
                "use 'separate' or 'cond'")
 

@@ -35,7 +35,7 @@ from trainer.data.loader import batch_shards
 from trainer.model import GPTNeoX, logits_fn, token_losses
 from trainer.optim import SophiaGConfig, build_optimizer, lr_schedule
 
-__all__ = ["Batch", "TrainState", "Trainer", "param_groups"]
+__all__ = ["Batch", "TrainState", "Trainer", "hessian_rows", "param_groups"]
 
 
 class TrainState(NamedTuple):
@@ -66,6 +66,14 @@ def param_groups(params: GPTNeoX) -> Any:
         return "norm"
 
     return jax.tree_util.tree_map_with_path(group, params)
+
+
+def hessian_rows(config: TrainConfig) -> int:
+    """Sequences in a Sophia-G Hessian batch: hessian_batch_fraction of the global batch (0 otherwise)."""
+    opt = config.optimizer
+    if not isinstance(opt, SophiaGConfig):
+        return 0
+    return max(1, round(config.trainer.global_batch * opt.hessian_batch_fraction))
 
 
 def _drop_update(finite: jax.Array, new: Any, old: Any) -> Any:
@@ -103,7 +111,9 @@ class Trainer:
         self.sophia = isinstance(opt, SophiaGConfig)
         self.cond_mode = self.sophia and opt.hessian_mode == "cond"
         self.k = opt.update_interval if self.sophia else None
-        self.hessian_batch = max(1, round(tc.global_batch * opt.hessian_batch_fraction)) if self.sophia else 0
+        self.hessian_batch = hessian_rows(config)
+        if tc.microbatches == "auto" or (self.sophia and opt.hessian_microbatches == "auto"):
+            raise ValueError("microbatches 'auto' must be resolved first: trainer.fit.fit_microbatches(config, mesh)")
         self.batch_sharding = sharding.batch_sharding(mesh)
         self._check_batches(batch_shards(self.batch_sharding))
 

@@ -37,6 +37,7 @@ from trainer.checkpoint import Checkpointer, CheckpointReadError, PreemptionGuar
 from trainer.config import TrainConfig, build_config, load_values, parse_args, to_dict, usage
 from trainer.data.config import open_dataset
 from trainer.data.loader import BatchLoader, EvalBatches
+from trainer.fit import fit_microbatches
 from trainer.metrics import MetricsWriter, peak_flops
 from trainer.model import flops_per_token, num_params
 from trainer.steps import Batch, Trainer, TrainState
@@ -101,6 +102,7 @@ def setup(config: TrainConfig, name: str = "run") -> Run:
         raise ValueError(f"model.vocab_size={model.vocab_size} is smaller than the data's vocabulary "
                          f"({train_data.vocab_size}); raise it or leave it null")
     config = dataclasses.replace(config, model=model, run_dir=run_dir)
+    config = fit_microbatches(config, mesh, log=logger.info)
     trainer = Trainer(config, mesh)
     config = trainer.config  # with "auto" settings resolved for these devices
     tc, seq = config.trainer, model.seq_len
@@ -188,14 +190,13 @@ def run_loop(run: Run) -> dict[str, Any]:
                            name=tc.wandb_name or run_dir.name, tags=[t for t in tc.wandb_tags.split(",") if t],
                            progress=tc.progress, wandb_dir=tc.wandb_dir, flush_seconds=tc.metrics_flush_seconds)
     throughput = _Throughput(trainer)
-    last = {"record": {}, "skipped": int(jax.device_get(run.state.skipped)), "estimator": {}}
+    last = {"record": {}, "skipped": int(jax.device_get(run.state.skipped))}
 
     def evaluate(step: int, state: TrainState, record: dict[str, Any]) -> None:
         record["eval/loss"] = trainer.eval_loss(state.params, run.eval_batches)
 
     def log(step: int, state: TrainState, record: dict[str, Any]) -> None:
         record.update(jax.device_get(record))
-        record.update({key: last["estimator"][key] for key in last["estimator"] if key not in record})
         record.update(throughput.read())
         skipped = int(record["optim/skipped_steps"])
         if skipped > last["skipped"]:
@@ -213,8 +214,6 @@ def run_loop(run: Run) -> dict[str, Any]:
         with PreemptionGuard() as guard:
             for step, batch in batches(run):
                 state, record = trainer.step(state, batch, step)
-                # The estimator's own numbers exist on refresh steps only: logged with every later record.
-                last["estimator"].update({k: v for k, v in record.items() if k.startswith("optim/hessian_grad")})
                 writer.advance()
                 throughput.step_done(state)
                 final = step == tc.num_train_steps

@@ -1,0 +1,118 @@
+"""Fitting a run to device memory: `trainer.microbatches: auto` and `optimizer.hessian_microbatches: auto`.
+
+A step's memory is read from XLA's analysis of the step compiled ahead of time (`Trainer.lower`), nothing
+allocated. Memory grows about linearly with the rows of a microbatch (activations) on top of a fixed part
+(params, optimizer state, gradients), so `auto` compiles the two smallest microbatch sizes, extrapolates
+the largest that fits, and compiles that one to confirm it (stepping down while it does not fit): three
+compiles or so, however many candidates there are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from jax.sharding import Mesh
+
+from trainer.config import TrainConfig
+from trainer.optim import SophiaGConfig
+
+__all__ = ["FILL", "device_memory", "fit_microbatches", "peak_bytes"]
+
+logger = logging.getLogger(__name__)
+
+FILL = 0.9  # a step may use this fraction of a device's memory (the rest: fragmentation, the runtime)
+
+
+def peak_bytes(analysis: Any, platform: str) -> int:
+    """A compiled program's peak memory per device from `compiled.memory_analysis()`: XLA's peak on TPU and
+    GPU (below arguments + temporaries there, buffers being reused); on CPU, whose "peak" counts little more
+    than the arguments, arguments + temporaries + outputs not aliased to donated inputs."""
+    bound = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+             - analysis.alias_size_in_bytes)
+    peak = int(getattr(analysis, "peak_memory_in_bytes", 0) or 0)
+    return int(bound) if platform == "cpu" or not peak else peak
+
+
+def device_memory(mesh: Mesh) -> int | None:
+    """Bytes one device of `mesh` can allocate (its allocator's limit), or None where unknown (CPU)."""
+    stats = mesh.devices.flat[0].memory_stats() if hasattr(mesh.devices.flat[0], "memory_stats") else None
+    return None if not stats or "bytes_limit" not in stats else int(stats["bytes_limit"])
+
+
+def _largest_fitting(sizes: list[int], measure: Callable[[int], int], limit: float, what: str) -> int:
+    """The largest of `sizes` (ascending) whose measured bytes fit `limit`, assuming bytes grow about
+    linearly with the size: measure the two smallest, extrapolate, confirm (stepping down while not)."""
+    first = measure(sizes[0])
+    if first > limit:
+        raise ValueError(f"{what}: even microbatches of {sizes[0]} sequences need {first / 2**30:.2f} GiB per device, "
+                         f"over the {limit / 2**30:.2f} GiB available; use more devices (FSDP), model.remat full, "
+                         "a model.loss_chunk, or a shorter sequence")
+    if len(sizes) == 1:
+        return sizes[0]
+    second = measure(sizes[1])
+    if second > limit:
+        return sizes[0]
+    per_row = max((second - first) / (sizes[1] - sizes[0]), 1.0)
+    fitting = [s for s in sizes if first + per_row * (s - sizes[0]) <= limit]
+    index = sizes.index(max(fitting[-1], sizes[1]))
+    while index > 1 and measure(sizes[index]) > limit:
+        index -= 1
+    return sizes[index]
+
+
+def fit_microbatches(config: TrainConfig, mesh: Mesh, limit_bytes: float | None = None,
+                     log: Callable[[str], None] = logger.info) -> TrainConfig:
+    """`config` with `auto` microbatch counts replaced by the fewest whose compiled step fits `FILL` of
+    `limit_bytes` per device (default: the device's memory). Where the memory is unknown (CPU) `auto` is 1.
+    Raises ValueError when not even the smallest microbatch fits."""
+    from trainer import sharding
+    from trainer.data.loader import batch_shards
+    from trainer.steps import Trainer, hessian_rows
+
+    tc, opt = config.trainer, config.optimizer
+    sophia = isinstance(opt, SophiaGConfig)
+    if tc.microbatches != "auto" and not (sophia and opt.hessian_microbatches == "auto"):
+        return config
+    limit = device_memory(mesh) if limit_bytes is None else limit_bytes
+    dp = batch_shards(sharding.batch_sharding(mesh))
+
+    def with_counts(train: int, hessian: int) -> TrainConfig:
+        out = dataclasses.replace(config, trainer=dataclasses.replace(config.trainer, microbatches=train))
+        if sophia:
+            out = dataclasses.replace(out, optimizer=dataclasses.replace(out.optimizer, hessian_microbatches=hessian))
+        return out
+
+    def sizes(rows: int) -> list[int]:  # microbatch sizes that split `rows` evenly over the data devices
+        return [r for r in range(dp, rows + 1, dp) if rows % r == 0]
+
+    train = tc.microbatches if tc.microbatches != "auto" else None
+    hessian = opt.hessian_microbatches if sophia and opt.hessian_microbatches != "auto" else None
+    if limit is None:
+        log("microbatches 'auto': the device memory is unknown here (CPU): using 1")
+        return with_counts(train or 1, hessian or 1)
+    budget = FILL * limit
+
+    def measure(which: str, rows: int) -> int:
+        if which == "train":  # (the Hessian count does not change the train step)
+            candidate = with_counts(tc.global_batch // rows, hessian or 1)
+        else:
+            candidate = with_counts(train or 1, hessian_rows(config) // rows)
+        compiled = Trainer(candidate, mesh).lower(which).compile()
+        need = peak_bytes(compiled.memory_analysis(), mesh.devices.flat[0].platform)
+        log(f"microbatches 'auto': the {which} step with microbatches of {rows} sequences needs "
+            f"{need / 2**30:.2f} GiB per device (budget {budget / 2**30:.2f} GiB)")
+        return need
+
+    if train is None:
+        rows = _largest_fitting(sizes(tc.global_batch), lambda r: measure("train", r), budget, "the train step")
+        train = tc.global_batch // rows
+    if sophia and hessian is None:
+        total = hessian_rows(config)
+        rows = _largest_fitting(sizes(total), lambda r: measure("hessian", r), budget, "the Hessian step")
+        hessian = total // rows
+    log(f"microbatches 'auto': trainer.microbatches={train}" + (f", optimizer.hessian_microbatches={hessian}"
+                                                                if sophia else ""))
+    return with_counts(train, hessian or 1)
