@@ -59,8 +59,13 @@ class Row:
         argv += [x for k, v in opt.items() for x in (f"--optimizer.{k}", str(v))]
         if self.batch is not None:
             argv += ["--trainer.global_batch", str(self.batch), "--trainer.microbatches", str(self.microbatches)]
+        from trainer.optim import OPTIMIZERS
+
+        fields = {f.name for f in dataclasses.fields(OPTIMIZERS[self.optimizer])}
         for item in self.overrides:
             key, _, value = item.partition("=")
+            if key.startswith("optimizer.") and key.split(".", 1)[1] not in fields:
+                continue  # e.g. a Sophia-G Hessian setting on the AdamW row of the same config
             argv += [f"--{key}", value]
         if self.naive:
             argv += ["--model.attention", "naive"]
@@ -317,9 +322,9 @@ def main(argv: list[str] | None = None) -> int:
             done, result = run_row(dataclasses.replace(row, optimizer=optimizer), args)
             device = result.get("device", device)
             label = f"{name} adamw {done.batch or ''}".strip()
-            if optimizer == "adamw" and "error" not in result:
-                adamw_rows.setdefault(name, (label, result))
-            baseline = None if optimizer == "adamw" else adamw_rows.get(name)
+            if optimizer == "adamw" and "error" not in result:  # the baseline of this spec's other rows
+                adamw_rows[spec] = adamw_rows[name] = (label, result)  # (and of the config's naive rows)
+            baseline = None if optimizer == "adamw" else adamw_rows.get(spec)
             emit(format_row(done, result, baseline))
         for row in [r for r in naive_rows if r.config == name]:  # right after their baseline
             emit(format_row(*run_row(row, args), adamw_rows.get(name)))
