@@ -11,7 +11,7 @@ All optimizers of a regime share the model, data, tokens per step, schedule shap
 cosine to min_lr_ratio) and seeds; each keeps its own betas and weight decay (Sophia-G 0.2, AdamW 0.1,
 Lion 1.0). Per optimizer: a learning-rate grid (x rho for Sophia-G); while the best point is on the
 grid's edge along an axis (no tried neighbour on one side, the other coordinates held), one more point
-beyond that edge (x2 in lr, x4 in rho) is run, at most --max_widen times per direction; then --seeds
+beyond that edge (x2 in lr, x4 in rho) is run, up to --max_widen points outside the initial range; then --seeds
 seeds at the best. Sophia-G alternatives (one seed): the estimator's gradient not clipped (lr re-tuned
 over best/2, best, 2 best) and the Hessian batch equal to the train batch (the official runs' choice).
 
@@ -217,30 +217,31 @@ class Campaign:
 
     def tune(self, optimizer: str, lrs: Sequence[float], rhos: Sequence[float | None], max_widen: int,
              variant: str = "") -> tuple[Point, list[str]]:
-        """The best point of the grid lrs x rhos, widened while the best sits on an edge (x LR_FACTOR in lr,
-        x RHO_FACTOR in rho, at most max_widen points per direction). Returns it and notes on edges left."""
+        """The best point of the grid lrs x rhos, widened while the best sits on an edge: one more point beyond
+        it (x LR_FACTOR in lr, x RHO_FACTOR in rho), never more than max_widen factors outside the initial
+        grid's range. Returns the best and notes on the edges the bound left."""
         tried = {Point(optimizer, lr, rho, 0, variant) for lr, rho in itertools.product(lrs, rhos)}
         for p in sorted(tried, key=lambda p: (p.lr, p.rho or 0)):
             self.run(p)
-        widened: dict[tuple[str, int], int] = {}
-        notes: list[str] = []
+        factors = {"lr": LR_FACTOR, "rho": RHO_FACTOR}
+        initial = {"lr": (min(lrs), max(lrs)), "rho": (min(rhos), max(rhos)) if rhos[0] is not None else None}
         while True:
             best = min(tried, key=lambda p: (self.loss(p), p.lr))
             new, notes = [], []
-            for axis, factor in (("lr", LR_FACTOR), ("rho", RHO_FACTOR)):
+            for axis, factor in factors.items():
                 if getattr(best, axis) is None:
                     continue
                 line = [getattr(p, axis) for p in tried if all(getattr(p, a) == getattr(best, a)
-                                                              for a in ("lr", "rho") if a != axis)]
+                                                              for a in factors if a != axis)]
+                lo, hi = initial[axis]
                 for direction, edge in ((-1, min(line)), (1, max(line))):
                     if getattr(best, axis) != edge:
                         continue
-                    if widened.get((axis, direction), 0) >= max_widen:
-                        notes.append(f"best {axis} {edge:g} is still the {'lowest' if direction < 0 else 'highest'} "
-                                     f"tried after {max_widen} widening(s)")
-                        continue
-                    widened[(axis, direction)] = widened.get((axis, direction), 0) + 1
                     value = _scaled(edge, factor if direction > 0 else 1 / factor)
+                    if not lo / factor**max_widen * 0.999 <= value <= hi * factor**max_widen * 1.001:
+                        notes.append(f"best {axis} {edge:g} is the {'lowest' if direction < 0 else 'highest'} tried: "
+                                     f"the widening stops {max_widen} point(s) beyond the initial grid")
+                        continue
                     new.append(dataclasses.replace(best, **{axis: value}))
             if not new or self.dry_run:
                 return best, notes
@@ -305,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--regimes", default=None, help="comma-separated regime names (default: all of the size)")
     parser.add_argument("--optimizers", default="sophia_g,adamw,lion")
     parser.add_argument("--seeds", type=int, default=2, help="seeds at each optimizer's best (>= 1)")
-    parser.add_argument("--max_widen", type=int, default=3, help="points added beyond an edge, per direction")
+    parser.add_argument("--max_widen", type=int, default=3, help="how many points (x2 lr, x4 rho) the grid may grow beyond its initial range")
     parser.add_argument("--no_alternatives", action="store_true", help="skip the Sophia-G alternative rows")
     parser.add_argument("--grid", action="append", default=[], metavar="OPT=LR,LR", help="an optimizer's initial lr grid")
     parser.add_argument("--rho", default=None, help="Sophia-G's initial rho grid, comma-separated")

@@ -310,6 +310,9 @@ def write_regime(campaign: Any, best: dict[str, tuple[Any, list[str]]], seeded: 
                          + f" | {fmt(d['g_s_norm'], 2)} | {fmt(d['clip_fired'], 2)} | "
                          f"{fmt(d['h_first'], 3)} → {fmt(d['h_last'], 3)} |")
     summary["grid"] = {p.name: {"final": r.final_eval, "diverged": r.diverged} for p, r in results.items()}
+    summary["runs"], summary["runs_wall_s"] = len(results), sum(r.wall_s for r in results.values())
+    lines += ["", f"{len(results)} runs in this regime, {summary['runs_wall_s'] / 60:.1f} min of wall-clock in all "
+              "(each run's own, compiles included)."]
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)
     title = f"{campaign.size.name} size, regime {regime.name}: {tokens:,} tokens/step"
@@ -335,8 +338,9 @@ def write_report(out: Path, size: Any, summaries: dict[str, dict[str, Any]], *, 
              f"- command: `{command}`",
              f"- machine: {machine_info}",
              f"- started {started}, commit {commit}{' (with uncommitted changes to the trainer)' if dirty else ''}; "
-             f"{executed} run(s) trained in this invocation, {reused} finished run(s) reused; "
-             f"{wall_s / 60:.1f} min wall-clock",
+             f"{executed} run(s) trained in this invocation, {reused} finished run(s) reused "
+             f"({wall_s / 60:.1f} min wall-clock); the runs' own wall-clock adds up to "
+             f"{sum(s.get('runs_wall_s', 0) for s in summaries.values()) / 60:.1f} min",
              "- each best setting's exact run: the `command` of summary.json in each regime's folder", ""]
     for name, summary in summaries.items():
         lines += [summary["table"], f"![eval loss]({name}/loss.png)", "",
