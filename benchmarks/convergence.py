@@ -201,8 +201,11 @@ class Campaign:
                 if checkpoints.is_dir() else 0
             self.log(f"  run {point.name}" + (f" (resuming from step {start_step})" if start_step else ""))
             begin = time.perf_counter()
-            train(config)
+            record = train(config)
             wall = time.perf_counter() - begin
+            if "preempted" in record:  # SIGTERM/SIGINT: the trainer saved a checkpoint; stop the campaign here
+                raise SystemExit(f"{record['preempted']} received: {point.name} saved at its last step; run the "
+                                 "same command again to resume")
             shutil.rmtree(checkpoints, ignore_errors=True)  # finished: bench.json + metrics.jsonl are the record
             (run_dir / "bench.json").write_text(json.dumps({"argv": argv, "wall_s": wall, "start_step": start_step}))
             self.executed += 1
