@@ -120,3 +120,24 @@ def test_smoke_two_optimizers_ten_steps_then_resume(tmp_path):
     changed = subprocess.run(command + ["--trainer.eval_batches", "3"], capture_output=True, text=True, env=env,
                              cwd=tmp_path)
     assert changed.returncode != 0 and "was run with other settings" in changed.stderr
+
+
+@pytest.mark.parametrize("size", sorted(convergence.SIZES))
+def test_every_size_builds_valid_configs_with_regimes_8x_apart(size):
+    """The documented sizes (gpu is not run here) give configs the trainer accepts, for every optimizer and
+    Sophia-G variant, with the same schedule shape and a large regime >= 8x the small one's tokens."""
+    from trainer.config import load_config
+
+    spec = convergence.SIZES[size]
+    tokens = []
+    for regime in spec.regimes:
+        campaign = convergence.Campaign(spec, regime, Path("/tmp/unused"), {}, log=lambda _: None)
+        points = [convergence.Point(o, grid[0], spec.rho_grid[0] if o == "sophia_g" else None)
+                  for o, grid in spec.lr_grids.items()]
+        points += [convergence.Point("sophia_g", 1e-3, 0.05, variant=v) for v in convergence.VARIANTS]
+        configs = [load_config(["--config", str(convergence.BASE_CONFIG), *campaign.argv(p)])[0] for p in points]
+        assert {(c.optimizer.warmup, c.optimizer.min_lr_ratio, c.trainer.num_train_steps, c.seed) for c in configs} \
+            == {(0.05, 0.05, regime.steps, 0)}
+        tokens.append(configs[0].trainer.global_batch * configs[0].model.seq_len)
+        assert campaign.tokens_per_step == tokens[-1]
+    assert tokens[1] >= 8 * tokens[0] and spec.regimes[1].microbatches > 1
