@@ -12,8 +12,10 @@ cosine to min_lr_ratio) and seeds; each keeps its own betas and weight decay (So
 Lion 1.0). Per optimizer: a learning-rate grid (x rho for Sophia-G); while the best point is on the
 grid's edge along an axis (no tried neighbour on one side, the other coordinates held), one more point
 beyond that edge (x2 in lr, x4 in rho) is run, up to --max_widen points outside the initial range; then --seeds
-seeds at the best. Sophia-G alternatives (one seed): the estimator's gradient not clipped (lr re-tuned
-over best/2, best, 2 best) and the Hessian batch equal to the train batch (the official runs' choice).
+seeds at the best. The first regime starts from the size's grids, later ones around the first regime's
+bests (lr x1/2, x1, x2 and its rho; --independent_grids: the size's grids). Sophia-G alternatives (one
+seed): the estimator's gradient not clipped (lr best/2, best, 2 best x rho 0.05, widened once) and the
+Hessian batch equal to the train batch (the official runs' choice; at the best lr and rho).
 
 Resumable: a run whose directory holds bench.json and a metrics.jsonl that reached the last step with an
 eval loss is read, not rerun; an unfinished one resumes from its checkpoint, or restarts without one.
@@ -294,7 +296,8 @@ def run_regime(campaign: Campaign, optimizers: Sequence[str], lr_grids: dict[str
     if alternatives and "sophia_g" in best:
         b = best["sophia_g"][0]
         lrs = (_scaled(b.lr, 1 / LR_FACTOR), b.lr, _scaled(b.lr, LR_FACTOR))
-        variants["noclip"], _ = campaign.tune("sophia_g", lrs, [b.rho], 0, variant="noclip")
+        # Unclipped, h is larger by the squared norm the clip removed: rho re-tuned from the official 0.05.
+        variants["noclip"], _ = campaign.tune("sophia_g", lrs, [0.05], min(max_widen, 1), variant="noclip")
         variants["fullbatch"] = dataclasses.replace(b, variant="fullbatch")
         campaign.run(variants["fullbatch"])
     if campaign.dry_run:
@@ -314,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--grid", action="append", default=[], metavar="OPT=LR,LR", help="an optimizer's initial lr grid")
     parser.add_argument("--rho", default=None, help="Sophia-G's initial rho grid, comma-separated")
     parser.add_argument("--steps", type=int, default=None, help="override every regime's step count (eval/log scaled)")
+    parser.add_argument("--independent_grids", action="store_true", help="start every regime from the initial "
+                        "grids (default: later regimes start around the first regime's bests: lr x1/2, x1, x2, its rho)")
     parser.add_argument("--dry_run", action="store_true", help="print the runs that are not finished yet")
     parser.add_argument("--jax_cache", default=None, help="persistent compilation cache (default <out>/runs/jax_cache; "
                         "'none' disables)")
@@ -348,8 +353,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     summaries, counts = {}, [0, 0]
     for regime in regimes:
         campaign = Campaign(size, regime, out, extra, dry_run=args.dry_run, log=lambda s: print(s, flush=True))
-        summaries[regime.name] = run_regime(campaign, optimizers, grids, rhos, args.seeds, args.max_widen,
-                                            not args.no_alternatives, out)
+        summary = run_regime(campaign, optimizers, grids, rhos, args.seeds, args.max_widen, not args.no_alternatives,
+                             out)
+        summaries[regime.name] = summary
+        if not args.independent_grids and summary:  # the next regimes start around these bests (then widen)
+            grids = {o: (_scaled(b["lr"], 1 / LR_FACTOR), b["lr"], _scaled(b["lr"], LR_FACTOR))
+                     for o, b in summary["best"].items()}
+            rhos = (summary["best"]["sophia_g"]["rho"],) if "sophia_g" in summary["best"] else rhos
         counts[0] += campaign.executed
         counts[1] += campaign.reused
     if args.dry_run:
