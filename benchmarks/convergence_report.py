@@ -22,7 +22,7 @@ matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = ["GROUPS", "LABELS", "RunData", "curve", "diagnostics_row", "fmt", "load_run", "plot_diagnostics",
-           "plot_losses", "steps_to_reach", "write_regime", "write_report"]
+           "plot_losses", "steps_to_reach", "h_check", "write_regime", "write_report"]
 
 LABELS = {"sophia_g": "Sophia-G", "adamw": "AdamW", "lion": "Lion"}
 COLORS = {"sophia_g": "tab:red", "adamw": "tab:blue", "lion": "tab:green"}
@@ -133,6 +133,27 @@ def _second_half(run: RunData, key: str) -> float | None:
     last = run.records[-1]["step"] if run.records else 0
     kept = [v for s, v in zip(steps, values) if s > last / 2]
     return statistics.fmean(kept) if kept else None
+
+
+def h_check(run: RunData, run_dir: Path) -> float | None:
+    """A parity check of the trainer's h on this run's own numbers: after the first refresh (step k),
+    h = (1 - b2) * N * g_s**2 with g_s clipped to max_grad_norm, so sum(h) = (1 - b2) * N * min(|g_s|, c)**2
+    (N = the Hessian batch's tokens). Returns measured / predicted sum(h) (1.0 = the rule holds)."""
+    import yaml
+
+    from trainer.config import TrainConfig, from_dict
+    from trainer.model import num_params
+
+    config = from_dict(TrainConfig, {k: v for k, v in yaml.safe_load((run_dir / "config.yaml").read_text()).items()})
+    opt, k = config.optimizer, config.optimizer.update_interval
+    first = next((r for r in run.records if r["step"] == k and r.get("optim/hessian_grad_norm")), None)
+    if first is None:
+        return None
+    n = max(1, round(config.trainer.global_batch * opt.hessian_batch_fraction)) * config.model.seq_len
+    g = first["optim/hessian_grad_norm"]
+    if opt.hessian_clip and opt.max_grad_norm is not None:
+        g = min(g, opt.max_grad_norm)
+    return first["optim/hessian_mean"] * num_params(config.model) / ((1 - opt.b2) * n * g * g)
 
 
 def diagnostics_row(run: RunData, k: int) -> dict[str, Any]:
@@ -298,17 +319,19 @@ def write_regime(campaign: Any, best: dict[str, tuple[Any, list[str]]], seeded: 
         lines += ["", "Sophia-G diagnostics (seed 0): win rate = fraction of coordinates NOT clipped, mean over the "
                   "second half; g_s = the estimator's sampled-label gradient norm before its clip (median over "
                   "refreshes); clip fired = fraction of refreshes where it exceeded the clip norm; |h| after the "
-                  "first refresh and at the end.", "",
-                  "| run | eval | win rate | " + " | ".join(GROUPS) + " | g_s norm | clip fired | \\|h\\| first → last |",
-                  "|---|---|---|" + "---|" * len(GROUPS) + "---|---|---|"]
+                  "first refresh and at the end; h check = sum(h) after the first refresh over (1 - b2) N "
+                  "min(g_s, clip)^2, the official rule's value with N the Hessian batch's tokens (1.0000 = exact).", "",
+                  "| run | eval | win rate | " + " | ".join(GROUPS) + " | g_s norm | clip fired | \\|h\\| first → last | h check |",
+                  "|---|---|---|" + "---|" * len(GROUPS) + "---|---|---|---|"]
         summary["diagnostics"] = {}
         for p, r in sorted(sophia.items(), key=lambda item: (item[0].variant, item[0].rho or 0, item[0].lr)):
             d = diagnostics_row(r, k)
+            d["h_check"] = h_check(r, campaign.runs_dir / p.name)
             summary["diagnostics"][p.name] = d
             lines.append(f"| {p.name} | {fmt(r.final_eval)} | {fmt(d['win_rate'])} | "
                          + " | ".join(fmt(d[f'win_rate/{g}']) for g in GROUPS)
                          + f" | {fmt(d['g_s_norm'], 2)} | {fmt(d['clip_fired'], 2)} | "
-                         f"{fmt(d['h_first'], 3)} → {fmt(d['h_last'], 3)} |")
+                         f"{fmt(d['h_first'], 3)} → {fmt(d['h_last'], 3)} | {fmt(d['h_check'], 4)} |")
     summary["grid"] = {p.name: {"final": r.final_eval, "diverged": r.diverged} for p, r in results.items()}
     summary["runs"], summary["runs_wall_s"] = len(results), sum(r.wall_s for r in results.values())
     lines += ["", f"{len(results)} runs in this regime, {summary['runs_wall_s'] / 60:.1f} min of wall-clock in all "
