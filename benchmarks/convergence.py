@@ -123,6 +123,11 @@ class Point:
         return f"{self.optimizer}{variant}_lr{self.lr:.3g}{rho}_s{self.seed}"
 
 
+def _settings(argv: list[str]) -> list[str]:
+    """A run's command line without its run directory (the output folder may move)."""
+    return [a for i, a in enumerate(argv) if a != "--run_dir" and (i == 0 or argv[i - 1] != "--run_dir")]
+
+
 def _scaled(value: float, factor: float) -> float:
     return float(f"{value * factor:.4g}")
 
@@ -168,14 +173,16 @@ class Campaign:
         return out
 
     def command(self, point: Point) -> str:
-        return "sophia-train --config configs/neox_tiny.yaml " + " ".join(self.argv(point))
+        """`point`'s sophia-train command line, to run from the repository root."""
+        argv = [os.path.relpath(a, REPO) if a.startswith(str(REPO)) else a for a in self.argv(point)]
+        return "sophia-train --config configs/neox_tiny.yaml " + " ".join(argv)
 
     def _finished(self, run_dir: Path, argv: list[str]) -> bool:
         bench, metrics = run_dir / "bench.json", run_dir / "metrics.jsonl"
         if not (bench.is_file() and metrics.is_file()):
             return False
         saved = json.loads(bench.read_text())
-        if saved.get("argv") != argv:
+        if _settings(saved.get("argv", [])) != _settings(argv):
             raise SystemExit(f"{run_dir} was run with other settings ({' '.join(saved.get('argv', []))}); use "
                              "another --out, or delete that run directory")
         last = [json.loads(line) for line in metrics.read_text().splitlines()[-1:] if line.strip()]
@@ -276,7 +283,7 @@ def machine() -> str:
     import jax
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return f"{model}, {cores} cores (load average {load}), JAX devices: {jax.devices()[0].device_kind} x {jax.device_count()}"
+    return f"{model}, {cores} cores (load average when this report was written: {load}), JAX devices: {jax.devices()[0].device_kind} x {jax.device_count()}"
 
 
 def run_regime(campaign: Campaign, optimizers: Sequence[str], lr_grids: dict[str, Sequence[float]],
@@ -364,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         counts[1] += campaign.reused
     if args.dry_run:
         return 0
-    report.write_report(out, size, summaries, command=command, machine_info=f"{machine_before}; at the end: {machine()}",
+    report.write_report(out, size, summaries, command=command, machine_info=machine_before,
                  started=started.strftime("%Y-%m-%d %H:%M UTC"), commit=_git("rev-parse", "--short", "HEAD"),
                  dirty=bool(_git("status", "--porcelain", "--", "sophia_jax", "trainer", "configs")),
                  wall_s=time.perf_counter() - begin, executed=counts[0], reused=counts[1])

@@ -12,6 +12,7 @@ import json
 import math
 import statistics
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -334,6 +335,8 @@ def write_regime(campaign: Any, best: dict[str, tuple[Any, list[str]]], seeded: 
                          f"{fmt(d['h_first'], 3)} → {fmt(d['h_last'], 3)} | {fmt(d['h_check'], 4)} |")
     summary["grid"] = {p.name: {"final": r.final_eval, "diverged": r.diverged} for p, r in results.items()}
     summary["runs"], summary["runs_wall_s"] = len(results), sum(r.wall_s for r in results.values())
+    finished = [(campaign.runs_dir / p.name / "bench.json").stat().st_mtime for p in results]
+    summary["finished"] = [min(finished), max(finished)]
     lines += ["", f"{len(results)} runs in this regime, {summary['runs_wall_s'] / 60:.1f} min of wall-clock in all "
               "(each run's own, compiles included)."]
     table = "\n".join(lines) + "\n"
@@ -353,6 +356,10 @@ def write_regime(campaign: Any, best: dict[str, tuple[Any, list[str]]], seeded: 
 VARIANT_LABELS = {"noclip": "estimator gradient not clipped", "fullbatch": "Hessian batch = train batch"}
 
 
+def _utc(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
 def write_report(out: Path, size: Any, summaries: dict[str, dict[str, Any]], *, command: str, machine_info: str,
                  started: str, commit: str, dirty: bool, wall_s: float, executed: int, reused: int) -> None:
     """out/REPORT.md: what was run, where, when, from which commit, and each regime's tables and plots."""
@@ -360,10 +367,12 @@ def write_report(out: Path, size: Any, summaries: dict[str, dict[str, Any]], *, 
              f"**{size.description}.**", "",
              f"- command: `{command}`",
              f"- machine: {machine_info}",
-             f"- started {started}, commit {commit}{' (with uncommitted changes to the trainer)' if dirty else ''}; "
+             f"- this report written by an invocation started {started}, commit {commit}{' (with uncommitted changes to the trainer)' if dirty else ''}; "
              f"{executed} run(s) trained in this invocation, {reused} finished run(s) reused "
              f"({wall_s / 60:.1f} min wall-clock); the runs' own wall-clock adds up to "
-             f"{sum(s.get('runs_wall_s', 0) for s in summaries.values()) / 60:.1f} min",
+             f"{sum(s.get('runs_wall_s', 0) for s in summaries.values()) / 60:.1f} min, and they finished between "
+             f"{_utc(min(s['finished'][0] for s in summaries.values()))} and "
+             f"{_utc(max(s['finished'][1] for s in summaries.values()))}",
              "- each best setting's exact run: the `command` of summary.json in each regime's folder", ""]
     for name, summary in summaries.items():
         lines += [summary["table"], f"![eval loss]({name}/loss.png)", "",
