@@ -102,7 +102,8 @@ SIZES = {
 VARIANTS: dict[str, tuple[str, Callable[[Regime], dict[str, Any]]]] = {
     "noclip": ("Sophia-G, estimator gradient not clipped", lambda r: {"optimizer.hessian_clip": False}),
     "fullbatch": ("Sophia-G, Hessian batch = train batch",
-                  lambda r: {"optimizer.hessian_batch_fraction": 1.0, "optimizer.hessian_microbatches": r.microbatches}),
+                  lambda r: {"optimizer.hessian_batch_fraction": 1.0,
+                             "optimizer.hessian_microbatches": r.microbatches}),
 }
 
 
@@ -155,7 +156,8 @@ class Campaign:
             "optimizer.weight_decay": WEIGHT_DECAY[point.optimizer],
             "trainer.global_batch": r.global_batch, "trainer.microbatches": r.microbatches,
             "trainer.num_train_steps": r.steps, "trainer.eval_every": r.eval_every, "trainer.log_every": r.log_every,
-            "trainer.progress": False, "checkpoint.every_steps": None, "checkpoint.every_minutes": 5, "checkpoint.keep": 1,
+            "trainer.progress": False,
+            "checkpoint.every_steps": None, "checkpoint.every_minutes": 5, "checkpoint.keep": 1,
             "seed": point.seed, "run_dir": str(self.runs_dir / point.name),
         }
         if point.rho is not None:
@@ -283,7 +285,8 @@ def machine() -> str:
     import jax
 
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "?"
-    return f"{model}, {cores} cores (load average when this report was written: {load}), JAX devices: {jax.devices()[0].device_kind} x {jax.device_count()}"
+    devices = f"{jax.devices()[0].device_kind} x {jax.device_count()}"
+    return f"{model}, {cores} cores (load average when this report was written: {load}), JAX devices: {devices}"
 
 
 def run_regime(campaign: Campaign, optimizers: Sequence[str], lr_grids: dict[str, Sequence[float]],
@@ -293,7 +296,8 @@ def run_regime(campaign: Campaign, optimizers: Sequence[str], lr_grids: dict[str
     log = campaign.log
     best: dict[str, tuple[Point, list[str]]] = {}
     for opt in optimizers:
-        log(f"[{campaign.regime.name}] {opt}: grid lr {list(lr_grids[opt])}" + (f" x rho {list(rhos)}" if opt == "sophia_g" else ""))
+        log(f"[{campaign.regime.name}] {opt}: grid lr {list(lr_grids[opt])}"
+            + (f" x rho {list(rhos)}" if opt == "sophia_g" else ""))
         best[opt] = campaign.tune(opt, lr_grids[opt], rhos if opt == "sophia_g" else [None], max_widen)
     seeded = {opt: [dataclasses.replace(p, seed=s) for s in range(seeds)] for opt, (p, _) in best.items()}
     for points in seeded.values():
@@ -319,13 +323,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--regimes", default=None, help="comma-separated regime names (default: all of the size)")
     parser.add_argument("--optimizers", default="sophia_g,adamw,lion")
     parser.add_argument("--seeds", type=int, default=2, help="seeds at each optimizer's best (>= 1)")
-    parser.add_argument("--max_widen", type=int, default=3, help="how many points (x2 lr, x4 rho) the grid may grow beyond its initial range")
+    parser.add_argument("--max_widen", type=int, default=3,
+                        help="how many points (x2 lr, x4 rho) the grid may grow beyond its initial range")
     parser.add_argument("--no_alternatives", action="store_true", help="skip the Sophia-G alternative rows")
-    parser.add_argument("--grid", action="append", default=[], metavar="OPT=LR,LR", help="an optimizer's initial lr grid")
+    parser.add_argument("--grid", action="append", default=[], metavar="OPT=LR,LR",
+                        help="an optimizer's initial lr grid")
     parser.add_argument("--rho", default=None, help="Sophia-G's initial rho grid, comma-separated")
     parser.add_argument("--steps", type=int, default=None, help="override every regime's step count (eval/log scaled)")
-    parser.add_argument("--independent_grids", action="store_true", help="start every regime from the initial "
-                        "grids (default: later regimes start around the first regime's bests: lr x1/2, x1, x2, its rho)")
+    parser.add_argument("--independent_grids", action="store_true",
+                        help="start every regime from the initial grids (default: later regimes start around the "
+                        "first regime's bests: lr x1/2, x1, x2, its rho)")
     parser.add_argument("--dry_run", action="store_true", help="print the runs that are not finished yet")
     parser.add_argument("--jax_cache", default=None, help="persistent compilation cache (default <out>/runs/jax_cache; "
                         "'none' disables)")

@@ -249,7 +249,8 @@ def _mean_spread(values: Sequence[float]) -> str:
     if len(finite) < len(values):
         return f"nan/inf in {len(values) - len(finite)} of {len(values)} seeds"
     half = (max(values) - min(values)) / 2
-    return f"{statistics.fmean(values):.3f} ± {half:.3f}" + (f" ({len(values)} seeds)" if len(values) > 1 else " (1 seed)")
+    seeds = f" ({len(values)} seeds)" if len(values) > 1 else " (1 seed)"
+    return f"{statistics.fmean(values):.3f} ± {half:.3f}{seeds}"
 
 
 def _setting(point: Any) -> str:
@@ -289,7 +290,8 @@ def write_regime(campaign: Any, best: dict[str, tuple[Any, list[str]]], seeded: 
         finals = [r.final_eval for r in runs]
         tps = [r.tokens_per_second for r in runs if r.tokens_per_second]
         lines.append(f"| {LABELS[opt]} | {_setting(point)} | {_mean_spread(finals)} | "
-                     f"{statistics.fmean(r.wall_s for r in runs):.0f} s | {fmt(statistics.fmean(tps) if tps else None, 0)} | "
+                     f"{statistics.fmean(r.wall_s for r in runs):.0f} s | "
+                     f"{fmt(statistics.fmean(tps) if tps else None, 0)} | "
                      f"{_divergences(grid)} |")
         summary["best"][opt] = {"lr": point.lr, "rho": point.rho, "finals": finals, "mean": statistics.fmean(finals),
                                 "edge_notes": best[opt][1], "command": campaign.command(seeded[opt][0])}
@@ -310,10 +312,11 @@ def write_regime(campaign: Any, best: dict[str, tuple[Any, list[str]]], seeded: 
     if notes:
         lines += ["**Grid edges left:** " + "; ".join(notes), ""]
     lines += ["| grid point (seed 0) | final eval loss | diverged |", "|---|---|---|"]
-    for p, r in sorted(results.items(), key=lambda item: (item[0].variant, item[0].optimizer, item[0].rho or 0, item[0].lr)):
+    for p, r in sorted(results.items(), key=lambda pr: (pr[0].variant, pr[0].optimizer, pr[0].rho or 0, pr[0].lr)):
         if p.seed == 0:
             tag = f" ({VARIANT_LABELS[p.variant]})" if p.variant else ""
-            lines.append(f"| {LABELS[p.optimizer]}{tag}, {_setting(p)} | {fmt(r.final_eval)} | {'yes' if r.diverged else 'no'} |")
+            diverged = "yes" if r.diverged else "no"
+            lines.append(f"| {LABELS[p.optimizer]}{tag}, {_setting(p)} | {fmt(r.final_eval)} | {diverged} |")
     k = campaign.overrides(next(iter(results))).get("optimizer.update_interval", 10)
     sophia = {p: r for p, r in results.items() if p.optimizer == "sophia_g" and p.seed == 0}
     if sophia:
@@ -322,7 +325,8 @@ def write_regime(campaign: Any, best: dict[str, tuple[Any, list[str]]], seeded: 
                   "refreshes); clip fired = fraction of refreshes where it exceeded the clip norm; |h| after the "
                   "first refresh and at the end; h check = sum(h) after the first refresh over (1 - b2) N "
                   "min(g_s, clip)^2, the official rule's value with N the Hessian batch's tokens (1.0000 = exact).", "",
-                  "| run | eval | win rate | " + " | ".join(GROUPS) + " | g_s norm | clip fired | \\|h\\| first → last | h check |",
+                  "| run | eval | win rate | " + " | ".join(GROUPS)
+                  + " | g_s norm | clip fired | \\|h\\| first → last | h check |",
                   "|---|---|---|" + "---|" * len(GROUPS) + "---|---|---|---|"]
         summary["diagnostics"] = {}
         for p, r in sorted(sophia.items(), key=lambda item: (item[0].variant, item[0].rho or 0, item[0].lr)):
@@ -367,7 +371,8 @@ def write_report(out: Path, size: Any, summaries: dict[str, dict[str, Any]], *, 
              f"**{size.description}.**", "",
              f"- command: `{command}`",
              f"- machine: {machine_info}",
-             f"- this report written by an invocation started {started}, commit {commit}{' (with uncommitted changes to the trainer)' if dirty else ''}; "
+             f"- this report written by an invocation started {started}, commit {commit}"
+             f"{' (with uncommitted changes to the trainer)' if dirty else ''}; "
              f"{executed} run(s) trained in this invocation, {reused} finished run(s) reused "
              f"({wall_s / 60:.1f} min wall-clock); the runs' own wall-clock adds up to "
              f"{sum(s.get('runs_wall_s', 0) for s in summaries.values()) / 60:.1f} min, and they finished between "
@@ -376,6 +381,7 @@ def write_report(out: Path, size: Any, summaries: dict[str, dict[str, Any]], *, 
              "- each best setting's exact run: the `command` of summary.json in each regime's folder", ""]
     for name, summary in summaries.items():
         lines += [summary["table"], f"![eval loss]({name}/loss.png)", "",
-                  f"![Sophia-G diagnostics]({name}/diagnostics.png)" if (out / name / "diagnostics.png").is_file() else "",
+                  f"![Sophia-G diagnostics]({name}/diagnostics.png)"
+                  if (out / name / "diagnostics.png").is_file() else "",
                   ""]
     (out / "REPORT.md").write_text("\n".join(lines))
