@@ -268,7 +268,11 @@ def test_baselines_run_through_the_same_config(tmp_path, corpus_dir, optimizer):
         trainer=dataclasses.replace(config.trainer, num_train_steps=20))
     run = setup(config)
     initial = float(run.trainer.eval_loss(run.state.params, run.eval_batches))
-    record = run_loop(run)
+    # optax.adamw's bias correction raises a Python float to an int32 count (optax's code, not ours), which
+    # strict promotion refuses; users run with JAX's default, standard promotion.
+    promotion = "standard" if optimizer == "adamw" else "strict"
+    with jax.numpy_dtype_promotion(promotion):
+        record = run_loop(run)
     assert "optim/win_rate" not in record
     assert record["eval/loss"] < initial - 0.2, (initial, record["eval/loss"])
 
