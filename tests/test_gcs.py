@@ -59,13 +59,6 @@ def gs_cache(server, local_cache) -> str:
     return "gs://bucket/cache"
 
 
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory) -> Path:
-    """One JAX compilation cache for this module's runs: the same programs compile once (hits are the same
-    executables, so results do not change)."""
-    return tmp_path_factory.mktemp("jax-cache")
-
-
 def command(run_dir: str, cache: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "trainer.train", "--run_dir", run_dir, "--data.cache", cache,
             "--trainer.num_train_steps", str(STEPS), "--trainer.log_every", "1", "--trainer.eval_every", "10",
@@ -75,13 +68,11 @@ def command(run_dir: str, cache: str, *extra: str) -> list[str]:
             "--checkpoint.every_steps", "5", "--checkpoint.every_minutes", "null", *extra]
 
 
-def env(server: FakeGCS, compile_cache: Path, home: Path) -> dict[str, str]:
+def env(server: FakeGCS, compile_cache_env: dict[str, str], home: Path) -> dict[str, str]:
     out = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out.update(server.env())
     out.update(JAX_PLATFORMS="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", HOME=str(home),
-               XDG_CACHE_HOME=str(home / ".cache"),
-               JAX_COMPILATION_CACHE_DIR=str(compile_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+               XDG_CACHE_HOME=str(home / ".cache"), **compile_cache_env)
     return out
 
 
@@ -106,10 +97,10 @@ def no_gs_directory(*roots: Path) -> bool:
 
 
 def test_gs_run_killed_resumed_and_through_an_outage_matches_a_local_run_bit_for_bit(
-        tmp_path, server, local_cache, gs_cache, compile_cache):
+        tmp_path, server, local_cache, gs_cache, compile_cache_env):
     work, home = tmp_path / "cwd", tmp_path / "home"
     work.mkdir(), home.mkdir()
-    environ = env(server, compile_cache, home)
+    environ = env(server, compile_cache_env, home)
 
     def run(run_dir: str, cache: str) -> subprocess.CompletedProcess:
         return subprocess.run(command(run_dir, cache), env=environ, cwd=work, capture_output=True, text=True,

@@ -43,18 +43,20 @@ def command(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
             "--data.embedded.vocab_size", "384", *extra]
 
 
-def env(devices: int) -> dict[str, str]:
+def env(devices: int, compile_cache_env: dict[str, str]) -> dict[str, str]:
     out = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_FLAGS", "JAX_"))}
-    out.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
+    out.update(JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
+               **compile_cache_env)
     return out
 
 
-def start_processes(run_dir: Path, corpus: Path) -> list[subprocess.Popen]:
+def start_processes(run_dir: Path, corpus: Path, compile_cache_env: dict[str, str]) -> list[subprocess.Popen]:
     """Process 0 and process 1 of one run, 4 CPU devices each, meeting at a localhost coordinator."""
     port = free_port()
     return [subprocess.Popen(command(run_dir, corpus, "--mesh.coordinator_address", f"127.0.0.1:{port}",
                                      "--mesh.num_processes", "2", "--mesh.process_id", str(i)),
-                             env=env(4), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                             env=env(4, compile_cache_env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
             for i in range(2)]
 
 
@@ -95,10 +97,11 @@ def corpus(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, corpus) -> tuple[Path, dict]:
+def reference(tmp_path_factory, corpus, compile_cache_env) -> tuple[Path, dict]:
     """The run in one process with 8 devices, and what it read."""
     run_dir = tmp_path_factory.mktemp("one-process") / "run"
-    result = subprocess.run(command(run_dir, corpus), env=env(8), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command(run_dir, corpus), env=env(8, compile_cache_env), capture_output=True, text=True,
+                            timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir, reads(result.stderr)
 
@@ -112,12 +115,13 @@ def wait_for_step(run_dir: Path, step: int, processes: list[subprocess.Popen], t
         time.sleep(0.01)
 
 
-def test_two_processes_match_one_stop_together_and_read_only_their_rows(tmp_path, corpus, reference):
+def test_two_processes_match_one_stop_together_and_read_only_their_rows(tmp_path, corpus, reference,
+                                                                      compile_cache_env):
     ref_dir, ref_reads = reference
     run_dir = tmp_path / "run"
 
     # Session 1: a SIGTERM to process 1 alone (its host is preempted) stops both, at the same step.
-    processes = start_processes(run_dir, corpus)
+    processes = start_processes(run_dir, corpus, compile_cache_env)
     try:
         wait_for_step(run_dir, 2, processes)
         processes[1].send_signal(signal.SIGTERM)
@@ -132,7 +136,7 @@ def test_two_processes_match_one_stop_together_and_read_only_their_rows(tmp_path
     assert [r["step"] for r in records(run_dir)] == list(range(1, stop + 1))
 
     # Session 2: both resume from that checkpoint and finish.
-    processes = start_processes(run_dir, corpus)
+    processes = start_processes(run_dir, corpus, compile_cache_env)
     second = finish(processes)
     assert [p.returncode for p in processes] == [0, 0], second[0][-3000:] + second[1][-3000:]
     assert all(f"checkpoints/{stop}" in err and "resuming from" in err for err in second)
