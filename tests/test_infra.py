@@ -5,11 +5,13 @@ the bash that runs on the workers, run here by bash in a temporary HOME with a s
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tarfile
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -154,6 +156,27 @@ def test_setup_copies_an_archive_of_head_and_installs_it_on_every_worker(fake, r
                        remote.setup_script(commit, archive, "python3.11")]
     with tarfile.open(fake.cache / archive) as tar:
         assert tar.extractfile("README.md").read() == b"sophia\n"
+
+
+def requirement_names(extra: str, extras: dict[str, list[str]]) -> set[str]:
+    """The distributions `pip install ".[extra]"` asks for (this project's self-references followed)."""
+    names = set()
+    for requirement in extras[extra]:
+        name = re.split(r"[<>=!~;\s]", requirement, maxsplit=1)[0]
+        own = re.fullmatch(r"sophia-jax\[([\w,]+)\]", name)
+        names |= (set().union(*(requirement_names(e, extras) for e in own.group(1).split(","))) if own
+                  else {name})
+    return names
+
+
+def test_the_extra_setup_installs_on_the_workers_brings_the_whole_trainer():
+    """Each worker runs sophia-train (and launch's fit check runs sophia-aot): what setup installs must hold
+    every [train] requirement and libtpu."""
+    script = remote.setup_script("c" * 40, "a.tar.gz", "python3.11")
+    [extra] = re.findall(r'pip install -q -e "\$src\[(\w+)\]"', script)
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    installed = requirement_names(extra, extras)
+    assert requirement_names("train", extras) <= installed and "jax[tpu]" in installed, installed
 
 
 def test_setup_refuses_uncommitted_changes_unless_allowed(fake, repo, capfd):
