@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import fsspec
-import jax
-import numpy as np
 import pytest
 
 from gcs import FakeGCS, binary
-from trainer.checkpoint import CheckpointConfig, Checkpointer, trim_metrics
+from runs import assert_same_final_state
+from trainer.checkpoint import trim_metrics
 from trainer.data.corpus import EmbeddedCorpus, build_embedded
 from trainer.metrics import MetricsWriter
 from trainer.plot import load_metrics
@@ -78,13 +77,6 @@ def env(server: FakeGCS, compile_cache_env: dict[str, str], home: Path) -> dict[
 
 def records(text: str) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in text.splitlines()]
-
-
-def final_state(run_dir: str):
-    checkpointer = Checkpointer(f"{run_dir}/checkpoints", CheckpointConfig(async_save=False))
-    state, extras = checkpointer.restore(STEPS, None)
-    checkpointer.close()
-    return state, extras
 
 
 def committed(fs, step: int) -> bool:
@@ -149,12 +141,7 @@ def test_gs_run_killed_resumed_and_through_an_outage_matches_a_local_run_bit_for
     local_records = records(Path(straight, "metrics.jsonl").read_text())
     assert records(fs.cat("bucket/runs/tiny/metrics.jsonl").decode()) == local_records
     assert "vocab_size: 384" in fs.cat("bucket/runs/tiny/config.yaml").decode()
-    (state, extras), (ref_state, ref_extras) = final_state(RUN), final_state(straight)
-    assert extras["loader"] == ref_extras["loader"] == {"step": STEPS, "seed": 0, "global_batch": 8, "seq_len": 32}
-    paths = jax.tree_util.tree_flatten_with_path(ref_state)[0]
-    assert any("h" in jax.tree_util.keystr(p) for p, _ in paths)  # m, h, count and key are in there
-    for (path, ref), leaf in zip(paths, jax.tree.leaves(state)):
-        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref), err_msg=jax.tree_util.keystr(path))
+    assert_same_final_state(RUN, straight, STEPS)
     assert no_gs_directory(work, home, Path(straight))
 
 

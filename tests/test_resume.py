@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import pytest
 
-from trainer.checkpoint import CheckpointConfig, Checkpointer
+from runs import assert_same_final_state, final_state
+from trainer.checkpoint import Checkpointer
 from trainer.metrics import MetricsWriter
 
 STEPS = 40
@@ -49,21 +50,9 @@ def records(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in lines]
 
 
-def final_state(run_dir: Path):
-    checkpointer = Checkpointer(run_dir / "checkpoints", CheckpointConfig(async_save=False))
-    state, extras = checkpointer.restore(STEPS, None)
-    checkpointer.close()
-    return state, extras
-
-
 def assert_identical(run_dir: Path, reference: Path) -> None:
     assert records(run_dir) == records(reference)  # every step once, same values
-    (state, extras), (ref_state, ref_extras) = final_state(run_dir), final_state(reference)
-    assert extras["loader"] == ref_extras["loader"] == {"step": STEPS, "seed": 0, "global_batch": 8, "seq_len": 32}
-    paths = jax.tree_util.tree_flatten_with_path(ref_state)[0]
-    assert any("h" in jax.tree_util.keystr(p) for p, _ in paths)  # m, h, count and key are in there
-    for (path, ref), leaf in zip(paths, jax.tree.leaves(state)):
-        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref), err_msg=jax.tree_util.keystr(path))
+    assert_same_final_state(run_dir, reference, STEPS)
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +159,8 @@ def test_resume_from_names_a_step_directory(tmp_path, corpus, straight, env):
     result = run(env, tmp_path / "fork", corpus, "--resume_from", str(straight / "checkpoints" / "35"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from" in result.stderr
-    state, _ = final_state(tmp_path / "fork")
-    ref_state, _ = final_state(straight)
+    state, _ = final_state(tmp_path / "fork", STEPS)
+    ref_state, _ = final_state(straight, STEPS)
     for leaf, ref in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state)):
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref))
     assert [r["step"] for r in records(tmp_path / "fork")] == list(range(36, STEPS + 1))
