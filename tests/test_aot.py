@@ -54,6 +54,23 @@ def test_a_step_over_the_memory_exits_1(libtpu_env, capsys):
     assert "the train step of neox_tiny peaks at" in err and "over 9.5367431640625e-07 GiB (--hbm_gib)" in err
 
 
+@requires_libtpu
+def test_auto_microbatches_that_the_compiler_refuses_exit_1_with_one_line(libtpu_env, capsys):
+    # One sequence of 32k positions per core: naive attention's float32 scores alone are 4 heads x 32768^2
+    # x 4 bytes = 16 GiB, over a v3 core's 15.48, so XLA refuses to compile even the smallest microbatch
+    # (8 sequences: one per data-parallel core).
+    argv = ["--config", str(CONFIGS / "neox_tiny.yaml"), "--topology", "v3:2x2", "--step", "train",
+            "--model.attention", "naive", "--model.seq_len", "32768", "--trainer.global_batch", "32",
+            "--trainer.microbatches", "auto"]
+    assert aot.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "the train step with microbatches of 8 sequences does not compile: RESOURCE_EXHAUSTED" in err
+    assert err.splitlines()[-1] == ("sophia-aot: the train step: even microbatches of 8 sequences need more than "
+                                    "the device has, over the 13.93 GiB available; use more devices (FSDP), "
+                                    "model.remat full, a model.loss_chunk, or a shorter sequence")
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--config", "configs/neox_1_5b.yaml", "--topology", "v3-128"],
      "sophia-aot: --topology v3-128 is a slice name; its topology is v3:8x8"),

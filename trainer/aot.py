@@ -226,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax
     from jax.experimental import topologies
 
+    from trainer.fit import DoesNotFit
+
     try:
         topologies.get_topology_desc(args.topology, "tpu")
     except jax.errors.JaxRuntimeError as error:  # e.g. "v3:3x3" is not a multiple of a host's 2x2 chips
@@ -237,6 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             report = check_fit(command_line, args.topology, hbm_gib=args.hbm_gib, steps=steps,
                                vocab_size=args.vocab_size)
+        except DoesNotFit as error:  # microbatches 'auto' found no count that fits
+            print(f"sophia-aot: {error}", file=sys.stderr)
+            return 1
         except (ValueError, FileNotFoundError) as error:  # e.g. a mesh that does not divide the cores
             parser.exit(2, f"sophia-aot: {error}\n")
         print(("\n" if i else "") + format_report(report), flush=True)

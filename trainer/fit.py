@@ -11,19 +11,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
+import jax
 from jax.sharding import Mesh
 
 from trainer.config import TrainConfig
 from trainer.optim import SophiaGConfig
 
-__all__ = ["FILL", "device_memory", "fit_microbatches", "peak_bytes"]
+__all__ = ["FILL", "DoesNotFit", "device_memory", "fit_microbatches", "peak_bytes"]
 
 logger = logging.getLogger(__name__)
 
 FILL = 0.9  # a step may use this fraction of a device's memory (the rest: fragmentation, the runtime)
+
+
+class DoesNotFit(ValueError):
+    """Not even a step's smallest microbatch fits the device memory."""
 
 
 def peak_bytes(analysis: Any, platform: str) -> int:
@@ -47,8 +53,9 @@ def _largest_fitting(sizes: list[int], measure: Callable[[int], int], limit: flo
     linearly with the size: measure the two smallest, extrapolate, confirm (stepping down while not)."""
     first = measure(sizes[0])
     if first > limit:
-        raise ValueError(f"{what}: even microbatches of {sizes[0]} sequences need {first / 2**30:.2f} GiB per device, "
-                         f"over the {limit / 2**30:.2f} GiB available; use more devices (FSDP), model.remat full, "
+        need = "more than the device has" if math.isinf(first) else f"{first / 2**30:.2f} GiB per device"
+        raise DoesNotFit(f"{what}: even microbatches of {sizes[0]} sequences need {need}, over the "
+                         f"{limit / 2**30:.2f} GiB available; use more devices (FSDP), model.remat full, "
                          "a model.loss_chunk, or a shorter sequence")
     if len(sizes) == 1:
         return sizes[0]
@@ -67,7 +74,7 @@ def fit_microbatches(config: TrainConfig, mesh: Mesh, limit_bytes: float | None 
                      log: Callable[[str], None] = logger.info) -> TrainConfig:
     """`config` with `auto` microbatch counts replaced by the fewest whose compiled step fits `FILL` of
     `limit_bytes` per device (default: the device's memory). Where the memory is unknown (CPU) `auto` is 1.
-    Raises ValueError when not even the smallest microbatch fits."""
+    Raises DoesNotFit (a ValueError) when not even the smallest microbatch fits."""
     from trainer import sharding
     from trainer.data.loader import batch_shards
     from trainer.steps import Trainer, hessian_rows
@@ -95,12 +102,21 @@ def fit_microbatches(config: TrainConfig, mesh: Mesh, limit_bytes: float | None 
         return with_counts(train or 1, hessian or 1)
     budget = FILL * limit
 
-    def measure(which: str, rows: int) -> int:
+    def measure(which: str, rows: int) -> float:
+        """The step's bytes per device at `rows` per microbatch; infinite when the compiler refuses it for
+        the memory (as XLA for TPU does)."""
         if which == "train":  # (the Hessian count does not change the train step)
             candidate = with_counts(tc.global_batch // rows, hessian or 1)
         else:
             candidate = with_counts(train or 1, hessian_rows(config) // rows)
-        compiled = Trainer(candidate, mesh).lower(which).compile()
+        try:
+            compiled = Trainer(candidate, mesh).lower(which).compile()
+        except jax.errors.JaxRuntimeError as error:
+            if "RESOURCE_EXHAUSTED" not in str(error):
+                raise
+            log(f"microbatches 'auto': the {which} step with microbatches of {rows} sequences does not compile: "
+                f"{str(error).splitlines()[0]}")
+            return math.inf
         need = peak_bytes(compiled.memory_analysis(), mesh.devices.flat[0].platform)
         log(f"microbatches 'auto': the {which} step with microbatches of {rows} sequences needs "
             f"{need / 2**30:.2f} GiB per device (budget {budget / 2**30:.2f} GiB)")
