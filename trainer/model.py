@@ -250,7 +250,7 @@ class GPTNeoX(eqx.Module):
     @staticmethod
     def init(config: ModelConfig, *, key: jax.Array) -> GPTNeoX:
         k_embed, k_layers, k_head = jax.random.split(key, 3)
-        embed = hnn.Embedding.init(config.Vocab, config.Embed, key=k_embed, initializer_range=0.02)
+        embed = hnn.Embedding.init(config.Vocab, config.Embed, key=k_embed, init_scale=0.02)
         layers = hnn.Stacked.init(config.Layers, Block)(  # remat is applied in `hidden`
             config, key=jax.random.split(k_layers, config.num_layers))
         ln_f = hnn.LayerNorm.init(config.Embed, eps=config.layer_norm_eps)
