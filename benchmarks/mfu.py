@@ -94,12 +94,10 @@ def take_step(trainer, state, batch, hessian_batch, step: int):
 
 def compiled_bound(trainer) -> float:
     """XLA's bound on live bytes of the largest of the trainer's programs (the train and Hessian steps)."""
+    from trainer.fit import bound_bytes
+
     programs = ["train", "hessian"] if trainer.sophia and not trainer.cond_mode else ["train"]
-    bounds = []
-    for which in programs:
-        a = trainer.lower(which).compile().memory_analysis()
-        bounds.append(a.argument_size_in_bytes + a.temp_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes)
-    return max(bounds)
+    return max(bound_bytes(trainer.lower(which).compile().memory_analysis()) for which in programs)
 
 
 def measure(row: Row, steps: int) -> dict:

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from trainer.config import load_config
+from trainer.fit import bound_bytes
 from trainer.model import flops_per_token, num_params
 from trainer.sharding import make_mesh
 from trainer.optim import OPTIMIZERS
@@ -48,8 +49,7 @@ def memory(trainer: Trainer, which: str) -> dict[str, float]:
     outputs not aliased to (donated) arguments, an upper bound on what is live at once."""
     a = trainer.lower(which).compile().memory_analysis()
     # The CPU backend's peak_memory_in_bytes counts arguments only; this bound is what every backend reports.
-    live = a.argument_size_in_bytes + a.temp_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes
-    return {"args": a.argument_size_in_bytes / GIB, "temp": a.temp_size_in_bytes / GIB, "live": live / GIB}
+    return {"args": a.argument_size_in_bytes / GIB, "temp": a.temp_size_in_bytes / GIB, "live": bound_bytes(a) / GIB}
 
 
 class Variant:

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from trainer.config import TrainConfig
 from trainer.optim import SophiaGConfig
 
-__all__ = ["FILL", "DoesNotFit", "device_memory", "fit_microbatches", "peak_bytes"]
+__all__ = ["FILL", "DoesNotFit", "bound_bytes", "device_memory", "fit_microbatches", "peak_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +32,19 @@ class DoesNotFit(ValueError):
     """Not even a step's smallest microbatch fits the device memory."""
 
 
+def bound_bytes(analysis: Any) -> int:
+    """An upper bound on a compiled program's live bytes per device from `compiled.memory_analysis()`:
+    arguments + temporaries + outputs not aliased to donated inputs."""
+    return int(analysis.argument_size_in_bytes + analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+               - analysis.alias_size_in_bytes)
+
+
 def peak_bytes(analysis: Any, platform: str) -> int:
     """A compiled program's peak memory per device from `compiled.memory_analysis()`: XLA's peak on TPU and
-    GPU (below arguments + temporaries there, buffers being reused); on CPU, whose "peak" counts little more
-    than the arguments, arguments + temporaries + outputs not aliased to donated inputs."""
-    bound = (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes + analysis.output_size_in_bytes
-             - analysis.alias_size_in_bytes)
+    GPU (below `bound_bytes` there, buffers being reused); on CPU, whose "peak" counts little more than the
+    arguments, `bound_bytes`."""
     peak = int(getattr(analysis, "peak_memory_in_bytes", 0) or 0)
-    return int(bound) if platform == "cpu" or not peak else peak
+    return bound_bytes(analysis) if platform == "cpu" or not peak else peak
 
 
 def device_memory(mesh: Mesh) -> int | None:
