@@ -142,8 +142,8 @@ def _unknown(keys: Sequence[str], cls: type, where: str) -> ValueError:
     names = ", ".join(f"{prefix}{k}" for k in keys)
     fields = [f.name for f in dataclasses.fields(cls)]
     close = [match for k in keys for match in difflib.get_close_matches(k, fields, n=1)]
-    hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
-    return ValueError(f"unknown config key(s): {names}{hint}. Valid keys{' under ' + where if where else ''}: "
+    hint = f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+    return ValueError(f"unknown config key(s): {names}.{hint} Valid keys{' under ' + where if where else ''}: "
                       f"{', '.join(fields)}")
 
 

@@ -147,12 +147,19 @@ def _make_run_dir(path: epath.Path) -> None:
         return
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".sophia-write-check-{uuid.uuid4().hex[:8]}"
+    except OSError as error:
+        raise _unwritable(path, storage.describe(error)) from error
+    probe = path / f".sophia-write-check-{uuid.uuid4().hex[:8]}"
+    try:
         probe.write_text("")
         probe.unlink()
-    except OSError as error:
-        raise storage.StorageError(f"cannot write to the run directory {path} ({storage.describe(error)}); pass a "
-                                   "--run_dir you can write to, or fix its permissions; nothing was changed") from error
+    except OSError as error:  # the directory itself is not writable: its name says enough
+        raise _unwritable(path, f"{type(error).__name__}: [Errno {error.errno}] {error.strerror}") from error
+
+
+def _unwritable(path: epath.Path, reason: str) -> storage.StorageError:
+    return storage.StorageError(f"cannot write to the run directory {path} ({reason}); pass a --run_dir you can "
+                                "write to, or fix its permissions; nothing was changed")
 
 
 def _hessian_rounding(trainer: Trainer) -> str | None:
