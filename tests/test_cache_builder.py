@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 import subprocess
@@ -178,8 +179,49 @@ def test_val_from_separate_files(tmp_path, tokenizer_file, tok):
 def test_missing_validation_split_is_a_clear_error(tmp_path, tokenizer_file):
     write_jsonl(tmp_path / "a.jsonl", make_docs(5, seed=0))
     build([tmp_path / "a.jsonl"], tokenizer_file, tmp_path / "c")
-    with pytest.raises(ValueError, match="no validation tokens.*--val_fraction"):
+    with pytest.raises(ValueError, match=r"no validation split to evaluate on: train without evaluation "
+                                         r"\(--trainer.eval_every 0\), or rebuild .*--val_fraction F, or --val"):
         TokenDataset(str(tmp_path / "c"), "validation")
+
+
+def held_out_by_default(line: bytes) -> bool:
+    """The documented rule restated: a document is held out when the 64-bit little-endian BLAKE2b hash of
+    its raw line (with its newline) is below 0.0005 of 2**64 (nanoGPT's share)."""
+    return int.from_bytes(hashlib.blake2b(line, digest_size=8).digest(), "little") < 0.0005 * 2.0**64
+
+
+def test_tokenize_holds_out_a_validation_split_by_default_and_says_what_it_built(tmp_path, tokenizer_file, tok,
+                                                                                capsys):
+    docs = make_docs(6000, seed=5)
+    path = write_jsonl(tmp_path / "a.jsonl", docs)
+    val_docs = [d for d, line in zip(docs, path.read_bytes().splitlines(keepends=True)) if held_out_by_default(line)]
+    assert 0 < len(val_docs) < 10  # about 3 of 6,000
+    argv = ["tokenize", str(path), "--tokenizer", tokenizer_file, "--out", str(tmp_path / "c"), "--workers", "1",
+            "--no_progress"]
+    assert cli.main(argv) == 0
+    np.testing.assert_array_equal(stream_of(str(tmp_path / "c"), "validation"), expected_stream(tok, val_docs))
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2:] == [f"validation split: {len(val_docs)} documents from 0.0005 of the documents, held out by a "
+                        "hash of each line (--val_fraction, the default)",
+                        f"train on it: sophia-train --data.cache {tmp_path / 'c'}"]
+    assert cli.main(argv) == 0  # a re-run changes nothing, and still says what the cache holds
+    out = capsys.readouterr().out
+    assert "already built" in out and f"validation split: {len(val_docs)} documents" in out
+    # Too few documents for the default share (or --val_fraction 0): no split, and what that means.
+    write_jsonl(tmp_path / "few.jsonl", docs[:12])
+    assert not any(held_out_by_default(line) for line in (tmp_path / "few.jsonl").read_bytes().splitlines(keepends=True))
+    assert cli.main(["tokenize", str(tmp_path / "few.jsonl"), "--tokenizer", tokenizer_file, "--out",
+                     str(tmp_path / "few"), "--no_progress"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        "validation split: none (0.0005 of the documents, held out by a hash of each line (--val_fraction, the "
+        "default)); sophia-train evaluates on this split, so train with --trainer.eval_every 0, or rebuild with "
+        "--val INPUT... or a larger --val_fraction",
+        f"train on it: sophia-train --data.cache {tmp_path / 'few'} --trainer.eval_every 0"]
+    with pytest.raises(SystemExit) as exit_:  # argparse's errors are one line too
+        cli.main(["tokenize", str(path), "--tokenizer", tokenizer_file])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("sophia-data tokenize: error: the following arguments are required: --out "
+                                       "(see sophia-data tokenize --help)\n")
 
 
 # ------------------------------------------------------------------------------------ bad input

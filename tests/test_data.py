@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sysconfig
+import time
 from pathlib import Path
 
 import fsspec
@@ -189,6 +190,21 @@ def test_iteration_and_resume_continue_with_the_next_batch(dataset):
                 next(resumed)
     with pytest.raises(ValueError, match="saved with global_batch=8 but global_batch=16"):
         BatchLoader.from_state(dataset, state, seq_len=SEQ, global_batch=16)
+
+
+def test_the_read_count_leaves_out_batches_read_ahead_and_never_used(dataset):
+    """A run stops with batches in the prefetch queue (and one being read): the count it reports at the end
+    is of the sequences of the batches it used."""
+    with BatchLoader(dataset, seq_len=SEQ, global_batch=8, seed=1, prefetch=3) as loader:
+        used = [seq_ids(next(loader)) for _ in range(5)]
+        deadline = time.monotonic() + 60
+        while dataset.reads.sequences < 8 * (5 + 3):  # the queue of 3 is full
+            assert time.monotonic() < deadline, "the prefetch thread did not read ahead"
+            time.sleep(0.01)
+    expected = data_lib.ReadCount()
+    for ids in used:
+        expected.add(ids)
+    assert (dataset.reads.sequences, dataset.reads.digest) == (40, expected.digest)
 
 
 def test_prefetch_errors_reach_the_consumer(dataset, monkeypatch):

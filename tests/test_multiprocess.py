@@ -21,6 +21,8 @@ from gcs import free_port
 from test_trainer import assert_params_close
 from trainer.checkpoint import CheckpointConfig, Checkpointer
 from trainer.config import build_config
+from trainer.data.corpus import EmbeddedCorpus, build_embedded
+from trainer.data.loader import BatchLoader, ReadCount, TokenDataset
 from trainer.sharding import MeshConfig, distributed_args, make_mesh
 from trainer.steps import Trainer
 
@@ -38,7 +40,7 @@ def command(run_dir: Path, corpus: Path, *extra: str) -> list[str]:
             "--model.hidden_dim", "32", "--model.num_layers", "2", "--model.num_heads", "4", "--model.seq_len", "32",
             "--optimizer.update_interval", "3", "--optimizer.warmup", "3", "--optimizer.learning_rate", "3e-3",
             "--optimizer.hessian_batch_fraction", "0.5", "--checkpoint.every_steps", "null",
-            "--checkpoint.every_minutes", "null", "--data.prefetch", "0",  # exact read counts: nothing read ahead
+            "--checkpoint.every_minutes", "null",  # the reads are counted without the batches read ahead
             "--data.embedded_dir", str(corpus), "--data.embedded.max_bytes", "300000",
             "--data.embedded.vocab_size", "384", *extra]
 
@@ -96,14 +98,34 @@ def corpus(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("corpus")
 
 
+def reads_of_one_process(corpus: Path) -> dict:
+    """What one process reads in the run of `command`, restated from the data order's definition: all rows
+    of the train batches of steps 1-10 (seed 0), of the Hessian batches of the refreshes on steps 3, 6, 9
+    (seed 1), and the first eval_batches x 16 validation sequences at each of the 2 evaluations."""
+    cache = build_embedded(EmbeddedCorpus(vocab_size=384, max_bytes=300_000), corpus)
+    train, validation = TokenDataset(cache, "train"), TokenDataset(cache, "validation")
+    count, val_count = ReadCount(), ReadCount()
+    batches = BatchLoader(train, seq_len=32, global_batch=16, seed=0, prefetch=0)
+    hessian = BatchLoader(train, seq_len=32, global_batch=8, seed=1, prefetch=0)
+    for step in range(STEPS):
+        count.add(batches.sequence_indices(step))
+    for refresh in range(STEPS // 3):
+        count.add(hessian.sequence_indices(refresh))
+    for _ in range(2):
+        val_count.add(np.arange(min(validation.num_sequences(32), 2 * 16)))
+    return {"rows": (0, 16), "train": count.sequences, "digest": count.digest, "validation": val_count.sequences,
+            "validation_digest": val_count.digest}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, corpus, compile_cache_env) -> tuple[Path, dict]:
-    """The run in one process with 8 devices, and what it read."""
+    """The run in one process with 8 devices (which does not log its reads), and what it read."""
     run_dir = tmp_path_factory.mktemp("one-process") / "run"
     result = subprocess.run(command(run_dir, corpus), env=env(8, compile_cache_env), capture_output=True, text=True,
                             timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir, reads(result.stderr)
+    assert "process 0 of 1" not in result.stderr
+    return run_dir, reads_of_one_process(corpus)
 
 
 def wait_for_step(run_dir: Path, step: int, processes: list[subprocess.Popen], timeout: float = 600) -> None:

@@ -4,27 +4,32 @@ import jax
 import numpy as np
 import pytest
 
-from trainer.optim import SophiaGConfig
 from trainer.model import GPTNeoX, ModelConfig
-from trainer.optim import lr_schedule, weight_decay_mask
+from trainer.optim import SophiaGConfig, lr_schedule, weight_decay_mask
 
 
 def expected_lr(t: np.ndarray, peak: float, floor_ratio: float, warmup: int, total: int) -> np.ndarray:
-    """lr * (t+1)/warmup for t < warmup, then cosine from lr to floor_ratio * lr over the remaining steps."""
+    """The README's schedule for the 0-based step t of `total`: lr * (t+1)/warmup for t < warmup (so step
+    warmup - 1 applies the peak), then a cosine from the peak to floor_ratio * lr, which the last step
+    (t = total - 1) applies; past the end, the floor."""
     floor = peak * floor_ratio
-    progress = np.clip((t - warmup) / max(total - warmup, 1), 0, 1)
+    peak_at = max(warmup - 1, 0)
+    progress = np.clip((t - peak_at) / max(total - 1 - peak_at, 1), 0, 1)
     cosine = floor + 0.5 * (peak - floor) * (1 + np.cos(np.pi * progress))
     return np.where(t < warmup, peak * (t + 1) / max(warmup, 1), cosine)
 
 
-@pytest.mark.parametrize("warmup, total, warmup_steps", [(0, 50, 0), (1, 50, 1), (10, 50, 10), (0.1, 200, 20)])
-def test_warmup_then_cosine_to_min_lr_ratio(warmup, total, warmup_steps):
+@pytest.mark.parametrize("warmup, total, warmup_steps", [(0, 50, 0), (1, 50, 1), (2, 50, 2), (10, 50, 10),
+                                                         (0.1, 200, 20), (0.05, 20, 1), (3, 20, 3)])
+def test_warmup_then_cosine_to_min_lr_ratio_on_the_last_step(warmup, total, warmup_steps):
     config = SophiaGConfig(learning_rate=6e-4, min_lr_ratio=0.05, warmup=warmup)
     schedule = lr_schedule(config, total)
     t = np.arange(total + 5)  # past the end it stays at the floor
     got = np.array([float(schedule(i)) for i in t])
     np.testing.assert_allclose(got, expected_lr(t, 6e-4, 0.05, warmup_steps, total), rtol=1e-5, atol=1e-12)
-    assert got[0] > 0 and got[-1] == pytest.approx(0.05 * 6e-4, rel=1e-5)
+    assert got[0] > 0 and got.max() == pytest.approx(6e-4, rel=1e-6)
+    # The last step (count total - 1) applies exactly min_lr_ratio of the peak, and the one before more.
+    assert got[total - 1] == pytest.approx(0.05 * 6e-4, rel=1e-6) and got[total - 2] > got[total - 1]
 
 
 @pytest.mark.parametrize("decay_embeddings", [False, True])

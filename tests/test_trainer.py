@@ -423,3 +423,54 @@ def test_auto_microbatches_are_the_fewest_whose_compiled_step_fits():
         fit_microbatches(config, mesh, limit_bytes=1000, log=lambda _: None)
     on_cpu = fit_microbatches(config, mesh, log=lambda _: None)  # no memory limit known: 1
     assert (on_cpu.trainer.microbatches, on_cpu.optimizer.hessian_microbatches) == (1, 1)
+
+
+# ------------------------------------------------------------------------------------------ the default run
+def default_config(tmp_path, corpus_dir, **trainer) -> TrainConfig:
+    """configs/neox_tiny.yaml as `sophia-train` runs it with no arguments (its model, batch, Hessian fraction
+    and mesh), on a smaller embedded corpus and for fewer steps."""
+    config, _ = load_config([])
+    return dataclasses.replace(
+        config, run_dir=str(tmp_path / "run"),
+        trainer=dataclasses.replace(config.trainer, progress=False, **trainer),
+        data=DataConfig(embedded=EmbeddedCorpus(vocab_size=512, max_bytes=400_000), embedded_dir=corpus_dir))
+
+
+@pytest.mark.parametrize("devices, hessian_batch", [(1, 4), (2, 4), (4, 4), (8, 8)])
+def test_the_default_config_splits_its_batches_over_1_to_8_devices(tmp_path, corpus_dir, devices, hessian_batch):
+    """The Hessian batch of 16 x 0.25 = 4 sequences is rounded up to a multiple of the data devices (8 on 8)."""
+    config = default_config(tmp_path, corpus_dir)
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=512))
+    trainer = Trainer(config, make_mesh(config.mesh, jax.devices()[:devices]))
+    assert (dict(trainer.mesh.shape), trainer.hessian_batch) == ({"data": 1, "fsdp": devices, "model": 1},
+                                                                 hessian_batch)
+
+
+def test_the_default_run_trains_on_8_devices_and_says_it_rounds_the_hessian_batch(tmp_path, corpus_dir, caplog):
+    config = default_config(tmp_path, corpus_dir, num_train_steps=2, eval_every=2)
+    config = dataclasses.replace(config, optimizer=dataclasses.replace(config.optimizer, update_interval=2))
+    with caplog.at_level("INFO", logger="sophia-train"):
+        run = setup(config)
+    assert run.trainer.mesh.size == 8 and run.hessian_loader.global_batch == 8
+    assert ("the Hessian batch is 8 sequences, not 4 (optimizer.hessian_batch_fraction=0.25 of 16): rounded up to a "
+            "multiple of the 8 data-parallel devices x optimizer.hessian_microbatches=1") in caplog.text
+    record = run_loop(run)
+    assert record["step"] == 2 and record["optim/hessian_updates"] == 1 and np.isfinite(record["eval/loss"])
+
+
+def test_a_cache_without_a_validation_split_trains_without_evaluation(tmp_path):
+    """eval_every 0 does not need the split; with evaluation on, the refusal names the two ways out."""
+    rng = np.random.default_rng(3)
+    cache = write_cache(tmp_path / "cache", {"train": rng.integers(0, 250, 64 * MODEL.seq_len + 1),
+                                             "validation": np.zeros(0, np.int64)}, 250)
+    config = dataclasses.replace(CONFIG, data=DataConfig(cache=cache), run_dir=str(tmp_path / "run"),
+                                 checkpoint=CheckpointConfig(every_steps=None, every_minutes=None),
+                                 trainer=dataclasses.replace(CONFIG.trainer, num_train_steps=2, eval_every=0,
+                                                             progress=False))
+    record = run_loop(setup(config))
+    assert record["step"] == 2 and "eval/loss" not in record
+    evaluating = dataclasses.replace(config, run_dir=str(tmp_path / "run2"),
+                                     trainer=dataclasses.replace(config.trainer, eval_every=1))
+    with pytest.raises(ValueError, match=re.escape("has no validation split to evaluate on: train without evaluation "
+                                                   "(--trainer.eval_every 0), or rebuild the cache")):
+        setup(evaluating)

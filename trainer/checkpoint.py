@@ -16,6 +16,8 @@ stops the run with the reason and changes nothing, because that checkpoint may b
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,7 +25,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -41,6 +43,7 @@ __all__ = [
     "PreemptionGuard",
     "Resumed",
     "check_resumable",
+    "failure_reason",
     "is_damage",
     "read_extras",
     "resume",
@@ -124,7 +127,8 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
         """The state (laid out as `abstract_state`'s shardings, which may differ from the saved ones) and extras."""
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), extras=ocp.args.JsonRestore())
-        restored = self._manager.restore(step, args=args)
+        with _event_loops_that_finish_their_reads():
+            restored = self._manager.restore(step, args=args)
         return restored["state"], dict(restored["extras"])
 
     def restore_latest(self, abstract_state: Any) -> tuple[int, Any, dict[str, Any]] | None:
@@ -135,9 +139,8 @@ class Checkpointer:
             try:
                 return (step, *self.restore_agreed(step, abstract_state))
             except CheckpointDamaged as damaged:
-                cause = damaged.__cause__ or damaged
                 logger.warning("checkpoint %s/%d is damaged (%s); trying the one before it",
-                               self.directory, step, storage.describe(cause))
+                               self.directory, step, failure_reason(damaged))
         return None
 
     def restore_agreed(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
@@ -292,6 +295,54 @@ def is_damage(error: BaseException) -> bool:
     return False
 
 
+def failure_reason(error: BaseException) -> str:
+    """Why a checkpoint could not be restored, in one readable line: the failure at the root (tensorstore's
+    "OUT_OF_RANGE: Error reading ... in OCDBT database ...", a JSON decode error, an OSError), not orbax's
+    wrapper around it, whose text holds a pybind11 method repr and a many-line TensorStore spec."""
+    chain = _chain(error)
+    for e in reversed(chain):  # the innermost first: the evidence is the root cause
+        if (isinstance(e, (OSError, json.JSONDecodeError, UnicodeDecodeError)) or _DAMAGE_CODES.search(str(e))
+                or _TRANSIENT_CODES.search(str(e))):
+            return storage.describe(e).removeprefix("ValueError: ")
+    return storage.describe(chain[-1])
+
+
+class _LoopThatFinishesItsReads(asyncio.SelectorEventLoop):
+    """An event loop that, when closed, first lets its unfinished tasks end.
+
+    orbax runs a restore in a fresh event loop that it closes when the restore returns. When one array read
+    fails (a damaged checkpoint) the restore fails at once while the other reads are still in flight;
+    closing the loop under them leaves tasks that tensorstore later tries to wake on the closed loop
+    ("RuntimeError: Event loop is closed", from its threads) or that are garbage-collected half-done
+    ("Exception ignored in: <coroutine ... _read_array_index_and_device_put>" with the whole TensorStore
+    spec): hundreds of traceback lines after the run's one-line error. Letting those reads finish (they
+    end on their own, in success or in the same damage) before closing leaves nothing behind.
+    """
+
+    def close(self) -> None:
+        if not self.is_closed() and not self.is_running():
+            unfinished = [task for task in asyncio.all_tasks(self) if not task.done()]
+            if unfinished:
+                self.run_until_complete(asyncio.gather(*unfinished, return_exceptions=True))
+        super().close()
+
+
+class _FinishingPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return _LoopThatFinishesItsReads()
+
+
+@contextlib.contextmanager
+def _event_loops_that_finish_their_reads() -> Iterator[None]:
+    """While active, the event loops asyncio creates (orbax's, for a restore) finish their tasks on close."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_FinishingPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
+
+
 class CheckpointDamaged(RuntimeError):
     """A finalized checkpoint is provably damaged (its `__cause__` says how): resuming may skip it."""
 
@@ -306,7 +357,7 @@ class CheckpointReadError(RuntimeError):
         hint = "" if listing else (" If you know this checkpoint is damaged, rename it (e.g. to "
                                    f"{path.name}.damaged) and run again to resume from the one before it.")
         super().__init__(
-            f"could not {what} ({storage.describe(error)}). This looks like a storage, "
+            f"could not {what} ({failure_reason(error)}). This looks like a storage, "
             "permission or network problem, not a damaged checkpoint, so nothing was changed: fix the access (or "
             f"wait for the storage to recover) and run again.{hint}")
 
@@ -372,8 +423,7 @@ def resume(checkpointer: Checkpointer, abstract_state: Any, config: Mapping[str,
             try:
                 restored = (wanted, *source.restore_agreed(wanted, abstract_state))
             except CheckpointDamaged as damaged:
-                raise ValueError(f"{damaged} ({storage.describe(damaged.__cause__)}); pass another --resume_from") \
-                    from damaged
+                raise ValueError(f"{damaged} ({failure_reason(damaged)}); pass another --resume_from") from damaged
         else:
             restored = source.restore_latest(abstract_state)
             if restored is None:

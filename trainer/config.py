@@ -4,20 +4,23 @@
 
 A YAML file holds any subset of the fields (missing ones keep their defaults; a top-level `base: FILE`
 names a file, relative to this one, whose values are read first). Values are converted to the type the
-field declares ("6e-4" -> float, "null" -> None); unknown keys are rejected with their names.
+field declares ("6e-4" -> float, "null" -> None); unknown keys are rejected with their names. A file that
+is not valid YAML is refused naming the file and the line (and which file's `base:` it is).
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import inspect
+import os
 import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -27,8 +30,8 @@ from trainer.model import ModelConfig
 from trainer.optim import OPTIMIZERS, OptimizerConfig, SophiaGConfig
 from trainer.sharding import MeshConfig
 
-__all__ = ["DEFAULT_CONFIG", "TrainConfig", "TrainerConfig", "build_config", "from_dict", "load_config", "load_values",
-           "parse_args", "to_dict", "usage"]
+__all__ = ["DEFAULT_CONFIG", "TrainConfig", "TrainerConfig", "build_config", "config_keys", "from_dict", "load_config",
+           "load_values", "parse_args", "read_yaml", "to_dict", "usage"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "neox_tiny.yaml"
 
@@ -41,7 +44,7 @@ class TrainerConfig:
     """Optimizer steps to take."""
     global_batch: int = 16
     """Sequences per optimizer step, over all devices and microbatches."""
-    microbatches: int | str = 1
+    microbatches: int | Literal["auto"] = 1
     """Gradient accumulation: the step scans over this many equal microbatches of the global batch;
     'auto' = the fewest whose compiled step fits the device memory (measured before the first step)."""
     log_every: int = 10
@@ -67,7 +70,7 @@ class TrainerConfig:
     wandb_tags: str = ""
     """wandb tags, comma-separated (e.g. "sophia,1.5b")."""
     progress: bool = True
-    """Show a progress bar with the latest loss."""
+    """Show progress on stderr: a bar with the latest loss on a terminal, else one line per logged step."""
     metrics_flush_seconds: float = 30.0
     """gs:// run_dir: rewrite metrics.jsonl (an object cannot be appended to) at most this often, and
     before every checkpoint and at the end; 0 = on every logged step. A local file gets each line at once."""
@@ -137,8 +140,21 @@ def _choose(cls: type, values: Mapping[str, Any], where: str) -> type:
 def _unknown(keys: Sequence[str], cls: type, where: str) -> ValueError:
     prefix = f"{where}." if where else ""
     names = ", ".join(f"{prefix}{k}" for k in keys)
-    valid = ", ".join(f.name for f in dataclasses.fields(cls))
-    return ValueError(f"unknown config key(s): {names}. Valid keys{' under ' + where if where else ''}: {valid}")
+    fields = [f.name for f in dataclasses.fields(cls)]
+    close = [match for k in keys for match in difflib.get_close_matches(k, fields, n=1)]
+    hint = f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+    return ValueError(f"unknown config key(s): {names}.{hint} Valid keys{' under ' + where if where else ''}: "
+                      f"{', '.join(fields)}")
+
+
+def _expected(tp: Any) -> str:
+    """What a value of type `tp` must be, in words: "an integer", "an integer or 'auto'", "a number or null"."""
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(v) for v in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join("null" if arg is type(None) else _expected(arg) for arg in typing.get_args(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, getattr(
+        tp, "__name__", str(tp)))
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -150,19 +166,22 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ValueError(f"{where} must be a mapping of fields, got {value!r}")
         return from_dict(tp, value, where)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ValueError(f"{where}={value!r}: expected {_expected(tp)}")
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "~")):
             if type(None) in args:
                 return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, where)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0] if errors else f"{where}: cannot use {value!r}")
+            except ValueError:
+                continue
+        raise ValueError(f"{where}={value!r}: expected {_expected(tp)}")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -221,18 +240,57 @@ def _deep_merge(base: Mapping, update: Mapping, cls: type = TrainConfig) -> dict
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A config file's values, after those of its `base:` chain."""
-    path = Path(path)
+    """A config file's values, after those of its `base:` chain (each `base:` relative to the file naming it).
+    Raises FileNotFoundError or ValueError naming the file (and the line, for a YAML syntax error)."""
+    return _read_yaml(Path(path), ())
+
+
+def _read_yaml(path: Path, named_by: tuple[Path, ...]) -> dict[str, Any]:
+    """`read_yaml`, for `path` reached through the `base:` lines of the files `named_by` (outermost first)."""
+    where = f"{_shown(path)} (the base: of {_shown(named_by[-1])})" if named_by else _shown(path)
     if not path.is_file():
+        if named_by:
+            raise FileNotFoundError(f"{_shown(named_by[-1])}: its base: {_shown(path)} was not found (a relative "
+                                    "base: is read next to the file that names it); fix the path")
         raise FileNotFoundError(f"config file {str(path)!r} not found; pass an existing YAML file to --config "
                                 f"(see the configs/ directory)")
-    values = yaml.safe_load(path.read_text()) or {}
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.MarkedYAMLError as error:
+        raise ValueError(f"{where} is not valid YAML: {_yaml_problem(error)}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"{where} is not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(values, dict):
-        raise ValueError(f"{path} must hold a mapping of config sections, got {type(values).__name__}")
+        raise ValueError(f"{where} must hold a mapping of config sections, got {type(values).__name__}")
     base = values.pop("base", None)
-    if base is not None:
-        values = _deep_merge(read_yaml(path.parent / base), values)
-    return values
+    if base is None:
+        return values
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{where}: base: must name a YAML file, got {base!r}")
+    target = path.parent / Path(base).expanduser()
+    chain = (*named_by, path)
+    if any(os.path.realpath(target) == os.path.realpath(p) for p in chain):
+        cycle = " -> ".join(_shown(p) for p in (*chain, target))
+        raise ValueError(f"{where}: base: {base} makes a cycle ({cycle}); remove one of the base: lines")
+    return _deep_merge(_read_yaml(target, chain), values)
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would write it: `a/../b.yaml` as `b.yaml`."""
+    return os.path.normpath(path)
+
+
+def _yaml_problem(error: yaml.MarkedYAMLError) -> str:
+    """A YAML syntax error in one line: where it is and what is wrong (PyYAML's own text spans lines and names
+    the input "<unicode string>")."""
+    mark = error.problem_mark or error.context_mark
+    text = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    text += error.problem or "cannot be parsed"
+    if error.context and error.context_mark is not None:
+        text += f" ({error.context} that starts on line {error.context_mark.line + 1})"
+    elif error.context:
+        text += f" ({error.context})"
+    return text
 
 
 def _set_dotted(values: dict, dotted: str, value: Any) -> None:
@@ -249,31 +307,59 @@ class CommandLine(typing.NamedTuple):
     config_file: str | None  # --config FILE
     overrides: dict[str, str]  # dotted key -> value text
     help: bool  # -h / --help
+    version: bool = False  # --version
 
 
 def parse_args(argv: Sequence[str]) -> CommandLine:
-    """`[--config FILE] [-h | --help] [--dotted.key VALUE | --dotted.key=VALUE ...]`."""
-    config_file, overrides, show_help, i = None, {}, False, 0
+    """`[--config FILE] [-h | --help] [--version] [--dotted.key VALUE | --dotted.key=VALUE ...]`."""
+    config_file, overrides, show_help, show_version, i = None, {}, False, False, 0
     argv = list(argv)
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
             show_help, i = True, i + 1
             continue
+        if arg == "--version":
+            show_version, i = True, i + 1
+            continue
         if not arg.startswith("--") or len(arg) == 2:
             raise ValueError(f"unexpected argument {arg!r}; use --config FILE or --section.key VALUE (--help lists "
                              "the keys)")
         key, eq, value = arg[2:].partition("=")
         if not eq:
-            if i + 1 >= len(argv):
-                raise ValueError(f"--{key} needs a value")
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ValueError(_missing_value(key))
             value, i = argv[i + 1], i + 1
         i += 1
         if key == "config":
             config_file = value
         else:
             overrides[key] = value
-    return CommandLine(config_file, overrides, show_help)
+    return CommandLine(config_file, overrides, show_help, show_version)
+
+
+def config_keys(cls: type = TrainConfig, prefix: str = "") -> list[str]:
+    """Every dotted key the command line takes (those of all optimizer types included)."""
+    keys, hints = [], typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        section = hints[f.name]
+        if section in CHOICES:
+            for choice in CHOICES[section].values():
+                keys += config_keys(choice, f"{prefix}{f.name}.")
+        elif dataclasses.is_dataclass(section):
+            keys += config_keys(section, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return list(dict.fromkeys(keys))
+
+
+def _missing_value(key: str) -> str:
+    """The error for `--key` with no value after it: a key that takes one, or a mistyped option."""
+    if key in config_keys() or key == "config":
+        return f"--{key} needs a value: --{key} VALUE or --{key}=VALUE"
+    close = difflib.get_close_matches(key, ["help", "version", "config", *config_keys()], n=1)
+    hint = f"did you mean --{close[0]}? " if close else ""
+    return f"unknown option --{key}; {hint}(sophia-train --help lists the options and keys)"
 
 
 def load_values(command_line: CommandLine) -> tuple[dict[str, Any], str]:
@@ -339,9 +425,12 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def _type_name(tp: Any) -> str:
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if args:
-        return _type_name(args[0]) + ("|null" if len(args) < len(typing.get_args(tp)) else "")
+    """A field's type for --help: INT, FLOAT|null, INT|auto."""
+    if typing.get_origin(tp) is Literal:
+        return "|".join(str(v) for v in typing.get_args(tp))
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return "|".join("null" if a is type(None) else _type_name(a) for a in args)
     return {int: "INT", float: "FLOAT", str: "STR", bool: "BOOL"}.get(tp, getattr(tp, "__name__", str(tp)).upper())
 
 
@@ -362,7 +451,7 @@ def _section_lines(cls: type, values: Any, prefix: str, skip: set[str] = frozens
 
 def usage(config: TrainConfig, name: str) -> str:
     """`sophia-train --help`: every config key, grouped by section, with its value in `config` and its doc."""
-    out = ["usage: sophia-train [--config FILE] [--section.key VALUE | --section.key=VALUE ...]",
+    out = ["usage: sophia-train [--config FILE] [--section.key VALUE | --section.key=VALUE ...] [--version]",
            "",
            "Trains a GPT-NeoX with Sophia-G, AdamW or Lion. Every key below can be set in the YAML file (a",
            "`base: other.yaml` line inherits another) or on the command line; VALUE is read as YAML (null, true,",

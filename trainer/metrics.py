@@ -14,12 +14,14 @@ its cost is re-uploading the lines, about 0.5 kB each (7 MB for 10k logged steps
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import secrets
+import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 import jax
 import numpy as np
@@ -27,7 +29,9 @@ from etils import epath
 
 from trainer import storage
 
-__all__ = ["MetricsWriter", "peak_flops"]
+__all__ = ["MetricsWriter", "Progress", "peak_flops"]
+
+logger = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s per JAX device (TPU v2/v3 devices are cores, two per chip).
 PEAK_FLOPS = {
@@ -44,7 +48,7 @@ PEAK_FLOPS = {
     "a100": 312e12,
 }
 
-# Shown on the progress bar (with tqdm's own rate and ETA), under these short names.
+# Shown on the progress bar (with tqdm's own rate and ETA) or the progress line, under these short names.
 BAR_FIELDS = {"train/loss": "loss", "eval/loss": "eval", "optim/win_rate": "win", "throughput/tokens_per_second": "tok/s"}
 
 
@@ -66,10 +70,45 @@ def _number(x: Any) -> float | int | None:
     return value
 
 
+class Progress:
+    """The run's progress on stderr: on a terminal, tqdm's bar (rate, ETA, the latest loss); elsewhere - a
+    log file, CI, a TPU worker's log - one plain line per logged step, since a bar redrawn with carriage
+    returns would be one endless line there."""
+
+    def __init__(self, total_steps: int, start_step: int = 0, stream: IO[str] | None = None):
+        self.total_steps = total_steps
+        stream = sys.stderr if stream is None else stream
+        self._bar = None
+        if stream.isatty():
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                             file=stream)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def show(self, record: dict[str, Any]) -> None:
+        """The latest logged record: on the bar, or as a line `step 10/300: loss 5.2, eval 5.4, win 0.04, ...`."""
+        shown = {short: record[k] for k, short in BAR_FIELDS.items() if record.get(k) is not None}
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+            return
+        if "lr" in record and record["lr"] is not None:
+            shown["lr"] = record["lr"]
+        values = ", ".join(f"{k} {v:.4g}" for k, v in shown.items())
+        logger.info("step %d/%d%s", record["step"], self.total_steps, f": {values}" if values else "")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
 class MetricsWriter:
     """Writes one JSON object per logged step (with a `step` key) to metrics.jsonl (appended locally,
-    rewritten on an object store: see the module docstring); mirrors to wandb and a tqdm bar. Only
-    process 0 writes.
+    rewritten on an object store: see the module docstring); mirrors to wandb and `Progress` (a tqdm bar
+    on a terminal, else a line per logged step). Only process 0 writes.
 
     wandb keeps its own files on a local disk: `wandb_dir`, else the run directory when it is local, else
     `~/.cache/sophia-jax/wandb/gs/<bucket>/<prefix>` (trainer.storage.local_dir_for). The run id lives in
@@ -89,11 +128,7 @@ class MetricsWriter:
             self._lines = (storage.read_text_if_exists(self.path) or "").splitlines()
         elif self.enabled:
             self._file = self.path.open("a")
-        self._bar = None
-        if self.enabled and progress:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        self._progress = Progress(total_steps, start_step) if self.enabled and progress else None
         self._wandb = None
         if self.enabled and wandb_mode != "disabled":
             import wandb
@@ -108,8 +143,8 @@ class MetricsWriter:
                                      mode=wandb_mode, id=run_id, resume="allow", tags=tags or None)
 
     def advance(self, steps: int = 1) -> None:
-        if self._bar is not None:
-            self._bar.update(steps)
+        if self._progress is not None:
+            self._progress.advance(steps)
 
     def log(self, step: int, metrics: dict[str, Any]) -> dict[str, Any]:
         """Writes `metrics` (arrays or numbers; None kept as null) for `step`; returns the plain record."""
@@ -128,9 +163,8 @@ class MetricsWriter:
                 self.flush()
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=step)
-        if self._bar is not None:
-            shown = {short: record[k] for k, short in BAR_FIELDS.items() if record.get(k) is not None}
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()}, refresh=False)
+        if self._progress is not None:
+            self._progress.show(record)
         return record
 
     def flush(self) -> None:
@@ -143,8 +177,8 @@ class MetricsWriter:
         self._last_flush = self._clock()
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
+        if self._progress is not None:
+            self._progress.close()
         if self.enabled:
             self.flush()
         if self._file is not None:

@@ -15,7 +15,7 @@ the whole optimizer state through the conditional on every step).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +93,7 @@ class SophiaGConfig(OptimizerConfig):
     """Sophia's k: the Hessian estimate is refreshed after steps k, 2k, ..."""
     hessian_batch_fraction: float = 0.25
     """Sequences in a Hessian batch, as a fraction of trainer.global_batch (a separate, fresh stream)."""
-    hessian_microbatches: int | str = 1
+    hessian_microbatches: int | Literal["auto"] = 1
     """The Hessian batch is processed in this many microbatches (lax.scan), to bound activation memory;
     'auto' = the fewest whose compiled Hessian step fits the device memory."""
     hessian_mode: str = "separate"
@@ -184,19 +184,22 @@ def warmup_steps(config: OptimizerConfig, num_train_steps: int) -> int:
 
 
 def lr_schedule(config: OptimizerConfig, num_train_steps: int) -> optax.Schedule:
-    """Linear warmup to `learning_rate`, then cosine decay to `min_lr_ratio * learning_rate` at the end.
+    """Linear warmup to `learning_rate`, then cosine decay to `min_lr_ratio * learning_rate` on the last step.
 
-    Step t (0-based) of the warmup uses lr * (t+1)/warmup, so the first step is not wasted at lr 0. The
+    `count` is the 0-based step (the loop's step t applies schedule(t - 1)). With w warmup steps, step t < w
+    uses lr * (t+1)/w, so the first step is not wasted at lr 0 and step w - 1 applies the peak; the cosine
+    then runs from that peak to the floor, which step num_train_steps - 1 (the last) applies exactly. The
     count is made float32 first: optax's schedules mix it with Python floats, which strict dtype
     promotion (the tests' setting) refuses for an int32 count.
     """
     peak, w = config.learning_rate, warmup_steps(config, num_train_steps)
-    cosine = optax.cosine_decay_schedule(peak, max(num_train_steps - w, 1), alpha=config.min_lr_ratio)
-    if w == 0:
+    peak_at = max(w - 1, 0)  # the count that applies the peak
+    cosine = optax.cosine_decay_schedule(peak, max(num_train_steps - 1 - peak_at, 1), alpha=config.min_lr_ratio)
+    if w <= 1:
         schedule = cosine
     else:
-        warm = optax.linear_schedule(peak / w, peak, w - 1) if w > 1 else optax.constant_schedule(peak)
-        schedule = optax.join_schedules([warm, cosine], [w])
+        warm = optax.linear_schedule(peak / w, peak, w - 1)
+        schedule = optax.join_schedules([warm, cosine], [peak_at])
     return lambda count: schedule(jnp.asarray(count, jnp.float32))
 
 

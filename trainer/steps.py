@@ -68,12 +68,16 @@ def param_groups(params: GPTNeoX) -> Any:
     return jax.tree_util.tree_map_with_path(group, params)
 
 
-def hessian_rows(config: TrainConfig) -> int:
-    """Sequences in a Sophia-G Hessian batch: hessian_batch_fraction of the global batch (0 otherwise)."""
+def hessian_rows(config: TrainConfig, data_parallel: int = 1) -> int:
+    """Sequences in a Sophia-G Hessian batch (0 for other optimizers): hessian_batch_fraction of the global
+    batch, rounded up to a multiple of `data_parallel` x optimizer.hessian_microbatches (1 while 'auto') so
+    that it splits evenly over the data-parallel devices (the default run's 4 rows become 8 on 8 devices)."""
     opt = config.optimizer
     if not isinstance(opt, SophiaGConfig):
         return 0
-    return max(1, round(config.trainer.global_batch * opt.hessian_batch_fraction))
+    unit = data_parallel * (opt.hessian_microbatches if isinstance(opt.hessian_microbatches, int) else 1)
+    rows = max(1, round(config.trainer.global_batch * opt.hessian_batch_fraction))
+    return -(-rows // unit) * unit
 
 
 def _drop_update(finite: jax.Array, new: Any, old: Any) -> Any:
@@ -111,10 +115,10 @@ class Trainer:
         self.sophia = isinstance(opt, SophiaGConfig)
         self.cond_mode = self.sophia and opt.hessian_mode == "cond"
         self.k = opt.update_interval if self.sophia else None
-        self.hessian_batch = hessian_rows(config)
         if tc.microbatches == "auto" or (self.sophia and opt.hessian_microbatches == "auto"):
             raise ValueError("microbatches 'auto' must be resolved first: trainer.fit.fit_microbatches(config, mesh)")
         self.batch_sharding = sharding.batch_sharding(mesh)
+        self.hessian_batch = hessian_rows(config, batch_shards(self.batch_sharding))
         self._check_batches(batch_shards(self.batch_sharding))
 
         self.estimator = None

@@ -21,9 +21,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.metadata
 import logging
+import os
+import shlex
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
@@ -36,7 +40,7 @@ from trainer import sharding, storage
 from trainer.checkpoint import Checkpointer, CheckpointReadError, PreemptionGuard, resume
 from trainer.config import TrainConfig, build_config, load_values, parse_args, to_dict, usage
 from trainer.data.config import open_dataset
-from trainer.data.loader import BatchLoader, EvalBatches
+from trainer.data.loader import BatchLoader, EvalBatches, batch_shards
 from trainer.fit import fit_microbatches
 from trainer.metrics import MetricsWriter, peak_flops
 from trainer.model import flops_per_token, num_params
@@ -83,12 +87,12 @@ def setup(config: TrainConfig, name: str = "run") -> Run:
     if jax.process_count() > 1 and not storage.is_remote(run_dir):
         logger.warning("run_dir %s is local: every process must see the same directory (one machine or a shared "
                        "filesystem); on a pod use gs://", run_dir)
-    storage.make_dirs(run_path)
+    _make_run_dir(run_path)
     # The run directory is read first: a storage outage stops the run here, before the data loads.
     checkpointer = Checkpointer(run_path / "checkpoints", config.checkpoint)
     try:
         train_data = open_dataset(config.data, "train", log=logger.info)
-        val_data = open_dataset(config.data, "validation")
+        val_data = open_dataset(config.data, "validation") if config.trainer.eval_every else None
     except OSError as error:
         if isinstance(error, (FileNotFoundError, storage.StorageError)):
             raise
@@ -106,6 +110,8 @@ def setup(config: TrainConfig, name: str = "run") -> Run:
     trainer = Trainer(config, mesh)
     config = trainer.config  # with "auto" settings resolved for these devices
     tc, seq = config.trainer, model.seq_len
+    if (note := _hessian_rounding(trainer)) is not None:
+        logger.info("%s", note)
 
     resumed = resume(checkpointer, trainer.abstract_state(), to_dict(config), RESUME_FIELDS,
                      resume_from=config.resume_from, metrics_path=run_path / "metrics.jsonl")
@@ -131,6 +137,43 @@ def setup(config: TrainConfig, name: str = "run") -> Run:
     logger.info("run_dir %s | %s | mesh %s | %.2fM params | %s", run_dir, config.optimizer.type,
                 dict(mesh.shape), num_params(model) / 1e6, train_data)
     return Run(config, trainer, state, start_step, loader, hessian_loader, eval_batches, checkpointer)
+
+
+def _make_run_dir(path: epath.Path) -> None:
+    """Creates a local run directory and checks that it can be written, before anything else happens (an
+    object store has no directories: nothing to do). Raises StorageError naming the problem: a parent that
+    is a file, no permission, a read-only filesystem - also when resuming in a directory made read-only."""
+    if storage.is_remote(path):
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _unwritable(path, storage.describe(error)) from error
+    probe = path / f".sophia-write-check-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:  # the directory itself is not writable: its name says enough
+        raise _unwritable(path, f"{type(error).__name__}: [Errno {error.errno}] {error.strerror}") from error
+
+
+def _unwritable(path: epath.Path, reason: str) -> storage.StorageError:
+    return storage.StorageError(f"cannot write to the run directory {path} ({reason}); pass a --run_dir you can "
+                                "write to, or fix its permissions; nothing was changed")
+
+
+def _hessian_rounding(trainer: Trainer) -> str | None:
+    """A note for the log when the Hessian batch was rounded up to split evenly (steps.hessian_rows)."""
+    if not trainer.sophia:
+        return None
+    tc, opt = trainer.config.trainer, trainer.config.optimizer
+    asked = max(1, round(tc.global_batch * opt.hessian_batch_fraction))
+    if trainer.hessian_batch == asked:
+        return None
+    return (f"the Hessian batch is {trainer.hessian_batch} sequences, not {asked} (optimizer.hessian_batch_fraction="
+            f"{opt.hessian_batch_fraction:g} of {tc.global_batch}): rounded up to a multiple of the "
+            f"{batch_shards(trainer.batch_sharding)} data-parallel devices x optimizer.hessian_microbatches="
+            f"{opt.hessian_microbatches}")
 
 
 def batches(run: Run) -> Iterator[tuple[int, Batch]]:
@@ -212,6 +255,7 @@ def run_loop(run: Run) -> dict[str, Any]:
     state = run.state
     try:
         with PreemptionGuard() as guard:
+            logger.info("%s", _compiling(run))
             for step, batch in batches(run):
                 state, record = trainer.step(state, batch, step)
                 writer.advance()
@@ -225,19 +269,33 @@ def run_loop(run: Run) -> dict[str, Any]:
                     save(step, state, record)
                 if stop:
                     checkpointer.wait()
-                    logger.warning("%s received: saved step %d to %s; exiting (run again to resume)",
-                                   guard.signal_name or "preemption notice", step, checkpointer.directory)
+                    logger.warning("%s received: saved step %d to %s; exiting", guard.signal_name or
+                                   "preemption notice", step, checkpointer.directory)
                     return {**last["record"], "preempted": guard.signal_name or "preemption"}
     finally:
         checkpointer.close()
         writer.close()
         run.loader.close()
-        logger.info("%s", _reads(run))
+        if jax.process_count() > 1:
+            logger.info("%s", _reads(run))
     return last["record"]
 
 
+def _compiling(run: Run) -> str:
+    """The log line before the first step, which waits for XLA to compile the train step."""
+    trainer, first = run.trainer, run.start_step + 1
+    line = f"compiling the train step (step {first} waits for it"
+    if trainer.sophia and not trainer.cond_mode:
+        refresh = -(-first // trainer.k) * trainer.k
+        if refresh <= run.config.trainer.num_train_steps:
+            line += f"; the Hessian step compiles at step {refresh}"
+    return line + ")"
+
+
 def _reads(run: Run) -> str:
-    """What this process read, for the log: each process reads only its own rows of every batch."""
+    """What this process read, for the log of a multi-process run: each process reads only its own rows of
+    every batch, and the counts and digests of all processes add up to one process's (batches read ahead
+    and never used are not counted)."""
     loader, hessian = run.loader, run.hessian_loader
     line = (f"process {jax.process_index()} of {jax.process_count()} read train {loader.dataset.reads} in rows "
             f"[{loader.rows[0]}, {loader.rows[1]}) of each batch of {loader.global_batch}")
@@ -256,6 +314,53 @@ def train(config: TrainConfig, name: str = "run") -> dict[str, Any]:
 def _summary(record: dict[str, Any]) -> str:
     shown = [f"{key} {record[key]:.4f}" for key in ("train/loss", "eval/loss") if record.get(key) is not None]
     return f"step {record.get('step')}" + "".join(f", {s}" for s in shown)
+
+
+def _resume_command(argv: Sequence[str], config: TrainConfig) -> str:
+    """The command that resumes a stopped run: its arguments with `--run_dir` (added if the run directory
+    was the default's timestamped one; absolute, so that it works from anywhere) and without a
+    `--resume_from` (which would restore that step again instead of the newest)."""
+    args, i, resume_from_given = [], 0, False
+    while i < len(argv):
+        arg = argv[i]
+        resume_from_given |= arg.startswith("--resume_from")
+        if arg in ("--run_dir", "--resume_from"):
+            i += 2
+            continue
+        if not arg.startswith(("--run_dir=", "--resume_from=")):
+            args.append(arg)
+        i += 1
+    run_dir = config.run_dir if storage.is_remote(config.run_dir) else os.path.abspath(config.run_dir)
+    args += ["--run_dir", run_dir]
+    if config.resume_from is not None and not resume_from_given:  # set in the YAML
+        args += ["--resume_from", "null"]
+    return shlex.join(["sophia-train", *args])
+
+
+def _final_line(record: dict[str, Any], config: TrainConfig, seconds: float, argv: Sequence[str]) -> str:
+    if "preempted" in record:
+        return f"stopped in {seconds:.1f} s: {_summary(record)}; to resume: {_resume_command(argv, config)}"
+    return f"done in {seconds:.1f} s: {_summary(record)}; metrics.jsonl and checkpoints/ in {config.run_dir}"
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (some, like a refused resume, list one problem per line)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    for line in lines[1:]:
+        text += (" " if text.endswith(":") else "; ") + line
+    return text
+
+
+def _version() -> str:
+    names = ("sophia-jax", "jax", "optax", "haliax", "orbax-checkpoint")
+    versions = []
+    for name in names:
+        try:
+            versions.append(importlib.metadata.version(name))
+        except importlib.metadata.PackageNotFoundError:
+            versions.append("not installed")
+    return f"sophia-train {versions[0]} (" + ", ".join(f"{n} {v}" for n, v in zip(names[1:], versions[1:])) + ")"
 
 
 @contextlib.contextmanager
@@ -283,10 +388,15 @@ def _console_logging():
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `sophia-train`; returns the exit status (2: bad input, named on stderr)."""
+    """Entry point of `sophia-train`; returns the exit status: 0 done (or stopped by a signal, saved), 2 bad
+    input or unusable storage (one line `sophia-train: ...` on stderr), 130 interrupted before the first step."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     with _console_logging():
         try:
-            command_line = parse_args(sys.argv[1:] if argv is None else argv)
+            command_line = parse_args(argv)
+            if command_line.version:
+                print(_version())
+                return 0
             values, name = load_values(command_line)
             config = build_config(values)
             if command_line.help:
@@ -294,8 +404,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             run = setup(config, name)
         except (ValueError, FileNotFoundError, CheckpointReadError, storage.StorageError) as error:
-            print(f"sophia-train: {error}", file=sys.stderr)
+            print(f"sophia-train: {_one_line(error)}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print("sophia-train: interrupted before the first step; nothing was saved", file=sys.stderr)
+            return 130
         if run.start_step >= config.trainer.num_train_steps:
             logger.info("the run in %s is already complete (step %d of %d); nothing to do", run.config.run_dir,
                         run.start_step, config.trainer.num_train_steps)
@@ -303,8 +416,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         start = time.perf_counter()
         record = run_loop(run)
-        logger.info("%s in %.1f s: %s", "stopped" if "preempted" in record else "done",
-                    time.perf_counter() - start, _summary(record))
+        logger.info("%s", _final_line(record, run.config, time.perf_counter() - start, argv))
     return 0
 
 

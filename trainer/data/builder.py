@@ -246,6 +246,7 @@ def build_cache(
             existing = json.load(f)
     if existing is not None and existing.get("build_fingerprint") == build_fp:
         log(f"{out}: already built with these inputs and settings; nothing to do")
+        log_summary(existing, 0.0, 0, log)
         return existing
     if existing is not None:
         fs.rm(f"{root}/{INDEX_NAME}")  # from here on the cache is unfinished until the new index lands

@@ -12,17 +12,30 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from trainer.data.builder import BuildSettings, build_cache, log_summary
 from trainer.data.corpus import EmbeddedCorpus, build_embedded
 from trainer.data.format import EOS_CANDIDATES, read_index
 from trainer.data.sources import BuildError
 
-__all__ = ["main"]
+__all__ = ["DEFAULT_VAL_FRACTION", "main"]
+
+# Without --val or --val_fraction, tokenize holds out this share of the documents as the validation split:
+# nanoGPT's for OpenWebText (about 4,000 of its 8M documents). Inputs of fewer than a few thousand
+# documents may get none, which tokenize then says.
+DEFAULT_VAL_FRACTION = 0.0005
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (`sophia-data: ...`, exit 2) instead of the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sophia-data", description="Build token caches for the sophia-jax trainer.")
+    parser = _Parser(prog="sophia-data", description="Build token caches for the sophia-jax trainer.")
     sub = parser.add_subparsers(dest="command", required=True)
     tok = sub.add_parser("tokenize", help="tokenize text files into a token cache (read with --data.cache DIR)")
     tok.add_argument("inputs", nargs="+", help="files, globs, brace ranges {00..29} or fsspec URLs")
@@ -30,8 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     tok.add_argument("--out", required=True, help="output cache directory (local path or fsspec URL)")
     tok.add_argument("--text_field", default="text", help="JSON field holding the text (default: text)")
     val = tok.add_mutually_exclusive_group()
-    val.add_argument("--val_fraction", type=float, default=0.0, help="hold out this fraction of documents")
-    val.add_argument("--val", nargs="+", default=[], metavar="INPUT", help="validation inputs")
+    val.add_argument("--val_fraction", type=float, default=None,
+                     help=f"hold out this fraction of the documents as the validation split (default without --val: "
+                          f"{DEFAULT_VAL_FRACTION}, as nanoGPT does; 0: no validation split)")
+    val.add_argument("--val", nargs="+", default=[], metavar="INPUT", help="validation inputs (instead of a held-out "
+                                                                            "fraction)")
     tok.add_argument("--strict", action="store_true", help="fail on the first malformed line (file:line)")
     tok.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes (default: all cores)")
     tok.add_argument("--eos", default=None, help=f"EOS token (default: first of {', '.join(EOS_CANDIDATES)})")
@@ -53,9 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "tokenize":
-            settings = BuildSettings(args.text_field, args.val_fraction, args.strict, args.eos)
-            build_cache(args.inputs, args.tokenizer, args.out, val_inputs=args.val, settings=settings,
-                        workers=args.workers, progress=not args.no_progress)
+            fraction = args.val_fraction if args.val_fraction is not None else 0.0 if args.val else DEFAULT_VAL_FRACTION
+            settings = BuildSettings(args.text_field, fraction, args.strict, args.eos)
+            index = build_cache(args.inputs, args.tokenizer, args.out, val_inputs=args.val, settings=settings,
+                                workers=args.workers, progress=not args.no_progress)
+            for line in _what_was_built(index, args.out, fraction, args.val_fraction is None and not args.val):
+                print(line)
         elif args.command == "info":
             index = read_index(args.cache)
             log_summary(index, 0.0, 0, print)
@@ -67,6 +86,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sophia-data: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _what_was_built(index: dict[str, Any], out: str, fraction: float, default_fraction: bool) -> list[str]:
+    """What tokenize tells the user after the split counts: where the validation split came from (or that
+    there is none, and what that means for training) and the command that trains on the cache."""
+    val = index["splits"]["validation"]
+    if index["sources"]["validation"]:
+        source = f"the {len(index['sources']['validation'])} --val input file(s)"
+    elif fraction:
+        source = (f"{fraction:g} of the documents, held out by a hash of each line (--val_fraction"
+                  f"{', the default' if default_fraction else ''})")
+    else:
+        source = "--val_fraction 0"
+    if val["num_tokens"]:
+        return [f"validation split: {val['num_documents']:,} documents from {source}",
+                f"train on it: sophia-train --data.cache {out}"]
+    return [f"validation split: none ({source}); sophia-train evaluates on this split, so train with "
+            "--trainer.eval_every 0, or rebuild with --val INPUT... or a larger --val_fraction",
+            f"train on it: sophia-train --data.cache {out} --trainer.eval_every 0"]
 
 
 if __name__ == "__main__":

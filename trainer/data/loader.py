@@ -51,12 +51,13 @@ class ReadCount:
         self.sequences, self.digest = 0, 0
         self._lock = threading.Lock()  # the prefetch thread and the main thread may read at once
 
-    def add(self, indices: np.ndarray) -> None:
+    def add(self, indices: np.ndarray, sign: int = 1) -> None:
+        """Counts the rows `indices` (sign -1: takes back rows counted before, e.g. read ahead but unused)."""
         hashed = _mix64(np.asarray(indices, dtype=np.uint64) + np.uint64(1))
         total = int(np.sum(hashed, dtype=np.uint64))  # wraps mod 2**64, as the digest does
         with self._lock:
-            self.sequences += int(indices.size)
-            self.digest = (self.digest + total) & _MASK64
+            self.sequences += sign * int(indices.size)
+            self.digest = (self.digest + sign * total) & _MASK64
 
     def __repr__(self) -> str:
         return f"{self.sequences} sequences (digest {self.digest:016x})"
@@ -79,9 +80,13 @@ class TokenDataset:
         self._fs, self._root = fsspec.core.url_to_fs(cache)
         self._local = is_local(self._fs)
         info = self.index["splits"][split]
+        if not info["num_tokens"] and split == "validation":
+            raise ValueError(f"{cache!r} has no validation split to evaluate on: train without evaluation "
+                             "(--trainer.eval_every 0), or rebuild the cache with a held-out part (sophia-data "
+                             "tokenize ... --val_fraction F, or --val INPUT...)")
         if not info["num_tokens"]:
-            raise ValueError(f"{cache!r} has no {split} tokens; build it with --val INPUT... or --val_fraction F "
-                             "(sophia-data tokenize), or evaluate on another cache")
+            raise ValueError(f"{cache!r} has no {split} tokens; rebuild it (sophia-data tokenize) from inputs that "
+                             "hold text")
         self.cache, self.split = cache, split
         self.vocab_size: int = int(self.index["vocab_size"])
         self.eos_id: int = int(self.index["eos_id"])
@@ -324,15 +329,27 @@ class BatchLoader:
                     break
                 except queue.Full:
                     continue
+            else:  # stopped with this batch read and never queued
+                self._unread(step, item)
             if isinstance(item, BaseException):
                 return
             step += 1
 
+    def _unread(self, step: int, item: Any) -> None:
+        """Takes a batch read ahead and never used back out of the dataset's read count, so the count is
+        what the run used."""
+        if not isinstance(item, BaseException):
+            start, stop = self.rows
+            self.dataset.reads.add(self.sequence_indices(step)[start:stop], sign=-1)
+
     def close(self) -> None:
-        """Stops the prefetch thread; the loader may be iterated again (it restarts from state())."""
+        """Stops the prefetch thread, taking the batches it read ahead back out of the read count; the loader
+        may be iterated again (it restarts from state())."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()
+            while not self._queue.empty():
+                self._unread(*self._queue.get_nowait())
             self._thread, self._queue = None, None
 
     def __enter__(self) -> BatchLoader:
