@@ -129,7 +129,8 @@ def test_gpt2_head_is_the_input_embedding():
     tokens = _named(_tokens()[:, :-1])
     x, _ = model.hidden(tokens)
     wte = model.embed.weight.rearrange(("vocab", "embed")).array
-    expected = jnp.einsum("bpe,ve->bpv", x.rearrange(("batch", "position", "embed")).array, wte)[..., :CONFIG.vocab_size]
+    x = x.rearrange(("batch", "position", "embed")).array
+    expected = jnp.einsum("bpe,ve->bpv", x, wte)[..., :CONFIG.vocab_size]
     np.testing.assert_allclose(model(tokens).array[..., :CONFIG.vocab_size], expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="17 positions, but a GPT-2 learns model.seq_len=16 position embeddings"):
         model(_named(_tokens(length=17)))

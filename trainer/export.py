@@ -3,7 +3,8 @@
     sophia-export RUN_DIR [--step N] --out DIR [--dtype float32|bfloat16] [--max_shard_size 5GB] [--tokenizer PATH]
 
 RUN_DIR is a local or gs:// run directory (its newest complete checkpoint unless --step). The params are
-restored with orbax (the optimizer state left on disk) onto this machine's CPU and written in transformers' layout (trainer/models/hf.py) to DIR:
+restored with orbax (the optimizer state left on disk) onto this machine's CPU and written in transformers'
+layout (trainer/models/hf.py) to DIR:
 
     config.json, generation_config.json   GPTNeoXForCausalLM or GPT2LMHeadModel, BOS = EOS = the data's EOS
     model.safetensors                     or model-0000i-of-0000n.safetensors + model.safetensors.index.json

@@ -144,7 +144,8 @@ def hf_config(config: ModelConfig, vocab_size: int, *, eos_token_id: int, dtype:
     return transformers.GPT2Config(
         n_embd=config.hidden_dim, n_layer=config.num_layers, n_head=config.num_heads,
         n_inner=config.hidden_dim * config.mlp_ratio, n_positions=config.seq_len, activation_function="gelu_new",
-        layer_norm_epsilon=config.layer_norm_eps, scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx,
+        layer_norm_epsilon=config.layer_norm_eps,
+        scale_attn_by_inverse_layer_idx=config.scale_attn_by_inverse_layer_idx,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True, **common)
 
 
@@ -275,6 +276,9 @@ class _SafetensorsDir(Mapping):
     def __getitem__(self, name: str) -> np.ndarray:
         with self._open(self._files[name], framework="numpy") as f:
             return f.get_tensor(name)
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor (Mapping's would)
+        return name in self._files
 
     def __iter__(self):
         return iter(self._files)
