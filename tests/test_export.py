@@ -152,6 +152,8 @@ def check_export(run_dir: Path, out: Path, vocab: int) -> None:
     logp = torch.log_softmax(torch.from_numpy(theirs).double(), -1)
     loss = -logp.gather(-1, torch.from_numpy(tokens[:, 1:].astype(np.int64))[..., None]).mean().item()
     assert abs(loss - eval_loss(run_dir, STEPS)) <= 1e-5, (loss, eval_loss(run_dir, STEPS))
+    print(f"{model.config.model_type}: max |logit difference| {np.abs(theirs - ours).max():.2e}, "
+          f"loss {loss:.6f} vs eval/loss {eval_loss(run_dir, STEPS):.6f}")
     # The tokenizer is the cache's, its EOS the data's document separator and the model's eos_token_id.
     cache = Tokenizer.from_file(str(cache_of(run_dir) / "tokenizer.json"))
     text = "def export(run_dir):\n    return 'gpt2'\n"
