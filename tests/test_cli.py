@@ -195,6 +195,18 @@ def test_a_refused_resume_lists_the_changed_fields_in_one_line(tmp_path, finishe
         "start a fresh run in another --run_dir")
 
 
+
+def test_a_resume_into_another_architecture_is_refused_by_name(tmp_path, finished_run, corpus, capsys):
+    """model.arch and model.bias shape the saved state (GPT-2 has other leaves than GPT-NeoX): refused by name,
+    not left to fail inside orbax."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    assert main([*TINY, "--data.embedded_dir", str(corpus), "--run_dir", str(run_dir), "--model.arch", "gpt2",
+                 "--model.bias", "false"]) == 2
+    line = assert_one_line(capsys.readouterr().err)
+    assert "cannot resume" in line and "model.arch: checkpoint has 'neox', this run has 'gpt2'" in line
+    assert "model.bias: checkpoint has True, this run has False" in line
+
 # ------------------------------------------------------------------------------ damaged checkpoints
 def test_every_checkpoint_damaged_gives_readable_warnings_and_one_line(tmp_path, finished_run, corpus, env):
     run_dir = tmp_path / "run"

@@ -1,4 +1,6 @@
-"""GPT-NeoX (trainer/model.py): shapes, causality, rotary dims, parallel residual, size formulas, loss mask."""
+"""The models (trainer/models/): GPT-NeoX and GPT-2 shapes, causality, rotary dims, the parallel (NeoX) and
+sequential (GPT-2) residuals, GPT-2's tied head, learned positions and init scales, size formulas, loss mask,
+remat, chunked loss and bf16 matmuls for both. (Parity with transformers: tests/test_hf.py.)"""
 
 import dataclasses
 
@@ -10,22 +12,33 @@ import numpy as np
 import pytest
 
 from trainer.model import (
+    GPT2,
     GPTNeoX,
     ModelConfig,
     apply_rotary,
     flops_per_token,
+    init_model,
     logits_fn,
     loss_fn,
     num_params,
     token_losses,
 )
+from trainer.models.common import layer_norm
 
 CONFIG = ModelConfig(vocab_size=300, seq_len=16, hidden_dim=64, num_layers=2, num_heads=4, compute_dtype="float32")
+GPT2_CONFIG = dataclasses.replace(CONFIG, arch="gpt2", scale_attn_by_inverse_layer_idx=True)
+CONFIGS = {"neox": CONFIG, "gpt2": GPT2_CONFIG}
 
 
 @pytest.fixture(scope="module")
 def model() -> GPTNeoX:
     return GPTNeoX.init(CONFIG, key=jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module", params=["neox", "gpt2"])
+def any_model(request):
+    """The test model of each architecture."""
+    return init_model(CONFIGS[request.param], key=jax.random.PRNGKey(0))
 
 
 def _tokens(batch: int = 2, length: int = CONFIG.seq_len + 1, seed: int = 1) -> jax.Array:
@@ -36,7 +49,8 @@ def _named(tokens: jax.Array) -> hax.NamedArray:
     return hax.named(tokens, ("batch", "position"))
 
 
-def test_shapes_and_padded_vocab(model):
+def test_shapes_and_padded_vocab(any_model):
+    model = any_model
     logits = model(_named(_tokens()[:, :-1]))
     assert [(a.name, a.size) for a in logits.axes] == [("batch", 2), ("position", 16), ("vocab", 384)]
     assert logits.dtype == jnp.float32
@@ -47,7 +61,8 @@ def test_shapes_and_padded_vocab(model):
     np.testing.assert_array_equal(plain, logits.array)
 
 
-def test_causality(model):
+def test_causality(any_model):
+    model = any_model
     tokens = _tokens(batch=1)[:, :-1]
     t = 9
     perturbed = tokens.at[0, t].set((tokens[0, t] + 1) % CONFIG.vocab_size)
@@ -92,19 +107,81 @@ def test_parallel_residual(model):
     np.testing.assert_allclose((full - x).array, ((attn_only - x) + (mlp_only - x)).array, atol=1e-5)
 
 
-def test_param_count_formula_matches_leaves(model):
-    assert num_params(CONFIG) == sum(leaf.size for leaf in jax.tree.leaves(model))
-    # NeoX/GPT-2 small shape, by hand: 12 layers x (12 d^2 + 13 d) + final LN 2d + embed and head 2 V d.
-    gpt2 = ModelConfig(vocab_size=50257, hidden_dim=768, num_layers=12, num_heads=12)
+def test_sequential_residual_gpt2():
+    """A GPT-2 block is h = x + attn(ln1(x)), then h + mlp(ln2(h)): the MLP reads the attention's output
+    (NeoX's parallel form would give x + attn(ln1(x)) + mlp(ln2(x)) instead)."""
+    model = init_model(GPT2_CONFIG, key=jax.random.PRNGKey(0))
+    block, layer = model.layers.get_layer(1), hax.named(jnp.int32(1), ())
+    x = hax.random.normal(jax.random.PRNGKey(3), (hax.Axis("batch", 2), hax.Axis("position", 8), CONFIG.Embed))
+    h = _zero(block, lambda b: (b.mlp.down.weight, b.mlp.down.bias))(x, layer)  # x + attn(ln1(x))
+    assert float(hax.abs(h - x).max().array) > 1e-3
+    expected = h + block.mlp(layer_norm(block.ln2, h))
+    np.testing.assert_allclose(block(x, layer).array, expected.array, atol=1e-6)
+    parallel = h + block.mlp(layer_norm(block.ln2, x))
+    assert float(hax.abs(block(x, layer) - parallel).max().array) > 1e-4
+
+
+def test_gpt2_head_is_the_input_embedding():
+    """Tied: no head leaf; logits = ln_f(x) . wte, so a change to wte's row j moves logit column j (and
+    the embedding of token j); learned positions: wpe has seq_len rows, and a longer input is refused."""
+    model = init_model(GPT2_CONFIG, key=jax.random.PRNGKey(0))
+    assert not hasattr(model, "head") and model.pos_embed.weight.axes == (GPT2_CONFIG.Pos, GPT2_CONFIG.Embed)
+    tokens = _named(_tokens()[:, :-1])
+    x, _ = model.hidden(tokens)
+    wte = model.embed.weight.rearrange(("vocab", "embed")).array
+    x = x.rearrange(("batch", "position", "embed")).array
+    expected = jnp.einsum("bpe,ve->bpv", x, wte)[..., :CONFIG.vocab_size]
+    np.testing.assert_allclose(model(tokens).array[..., :CONFIG.vocab_size], expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="17 positions, but a GPT-2 learns model.seq_len=16 position embeddings"):
+        model(_named(_tokens(length=17)))
+
+
+def test_gpt2_init_scales_are_nanogpts():
+    """normal(0, 0.02) for the linear layers and both embeddings, 0.02 / sqrt(2 L) for the two residual
+    projections, zero biases, unit LayerNorm scales (nanoGPT's _init_weights and c_proj init)."""
+    config = dataclasses.replace(GPT2_CONFIG, num_layers=8, vocab_size=1000)
+    model = init_model(config, key=jax.random.PRNGKey(0))
+    blocks = model.layers.stacked
+    residual = 0.02 / np.sqrt(2 * 8)
+    for weight, std in [(model.embed.weight, 0.02), (model.pos_embed.weight, 0.02), (blocks.attn.qkv.weight, 0.02),
+                        (blocks.mlp.up.weight, 0.02), (blocks.attn.out.weight, residual),
+                        (blocks.mlp.down.weight, residual)]:
+        values = np.asarray(weight.array)
+        assert abs(values.std() / std - 1) < 0.05 and abs(values.mean()) < 0.05 * std, (weight.axes, values.std())
+        assert np.abs(values).max() > 3.5 * std  # normal, not truncated at 3 std as haliax's default init
+    for bias in (blocks.attn.qkv.bias, blocks.attn.out.bias, blocks.mlp.up.bias, blocks.mlp.down.bias, blocks.ln1.bias):
+        assert not np.any(np.asarray(bias.array))
+    assert np.all(np.asarray(blocks.ln1.weight.array) == 1) and np.all(np.asarray(model.ln_f.weight.array) == 1)
+
+
+@pytest.mark.parametrize("config", [CONFIG, GPT2_CONFIG, dataclasses.replace(GPT2_CONFIG, bias=False)],
+                         ids=["neox", "gpt2", "gpt2-nobias"])
+def test_param_count_formula_matches_leaves(config):
+    model = init_model(config, key=jax.random.PRNGKey(0))
+    assert num_params(config) == sum(leaf.size for leaf in jax.tree.leaves(model))
+
+
+def test_param_counts_of_published_models():
+    # A NeoX of GPT-2 small's shape, by hand: 12 layers x (12 d^2 + 13 d) + final LN 2d + embed and head 2 V d.
+    small = ModelConfig(vocab_size=50257, hidden_dim=768, num_layers=12, num_heads=12)
     d, V = 768, 50304
-    assert gpt2.padded_vocab == V
-    assert num_params(gpt2) == 12 * (12 * d * d + 13 * d) + 2 * d + 2 * V * d
-    assert flops_per_token(gpt2, seq_len=1024) == 6 * (12 * (12 * d * d + 13 * d) + 2 * d + V * d) + 12 * 12 * d * 1024
+    assert small.padded_vocab == V
+    assert num_params(small) == 12 * (12 * d * d + 13 * d) + 2 * d + 2 * V * d
+    assert flops_per_token(small, seq_len=1024) == 6 * (12 * (12 * d * d + 13 * d) + 2 * d + V * d) + 12 * 12 * d * 1024
 
     # Pythia-1.4B (GPT-NeoX, untied head, vocab 50277 padded to 50304) has 1,414,647,808 parameters as
     # published with the released weights.
     pythia = ModelConfig(vocab_size=50277, hidden_dim=2048, num_layers=24, num_heads=16)
     assert num_params(pythia) == 1_414_647_808
+
+    # GPT-2 small and XL as released (vocab 50257 unpadded, 1024 positions, tied head): 124,439,808 and
+    # 1,557,611,200 parameters. The FLOPs count the tied head's matmul once, not wpe (a gather).
+    gpt2 = ModelConfig(arch="gpt2", vocab_size=50257, vocab_multiple=1, seq_len=1024, hidden_dim=768, num_layers=12,
+                       num_heads=12)
+    assert num_params(gpt2) == 124_439_808
+    xl = dataclasses.replace(gpt2, hidden_dim=1600, num_layers=48, num_heads=25)
+    assert num_params(xl) == 1_557_611_200
+    assert flops_per_token(gpt2) == 6 * (124_439_808 - 1024 * d) + 12 * 12 * d * 1024
 
 
 def test_loss_mask_matches_masked_mean(model):
@@ -131,15 +208,15 @@ def test_bf16_compute_over_f32_params():
 
 
 @pytest.mark.parametrize("remat", ["full", "save_dots"])
-def test_remat_gives_the_same_gradients(model, remat):
-    remat_model = GPTNeoX.init(dataclasses.replace(CONFIG, remat=remat), key=jax.random.PRNGKey(0))
+def test_remat_gives_the_same_gradients(any_model, remat):
+    remat_model = init_model(dataclasses.replace(any_model.config, remat=remat), key=jax.random.PRNGKey(0))
     tokens = _tokens()
-    g1, g2 = jax.grad(loss_fn)(model, tokens), jax.grad(loss_fn)(remat_model, tokens)
+    g1, g2 = jax.grad(loss_fn)(any_model, tokens), jax.grad(loss_fn)(remat_model, tokens)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def _reference_loss(model: GPTNeoX, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+def _reference_loss(model, tokens: jax.Array, mask: jax.Array) -> jax.Array:
     """The masked mean cross-entropy written out from the whole logits: -log_softmax at the targets."""
     logits = model(_named(tokens[:, :-1])).array
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits, -1), tokens[:, 1:, None], -1)[..., 0]
@@ -148,10 +225,11 @@ def _reference_loss(model: GPTNeoX, tokens: jax.Array, mask: jax.Array) -> jax.A
 
 
 @pytest.mark.parametrize("chunk", [4, 5, 16])  # divides seq_len 16, does not, the whole sequence
-def test_chunked_loss_equals_the_whole_logits_loss(model, chunk):
+def test_chunked_loss_equals_the_whole_logits_loss(any_model, chunk):
     """model.loss_chunk: the same per-position losses, masked mean and gradient as the cross-entropy of
     the whole [batch, position, vocab] logits (float32)."""
-    chunked = dataclasses.replace(model, config=dataclasses.replace(CONFIG, loss_chunk=chunk))
+    model = any_model
+    chunked = dataclasses.replace(model, config=dataclasses.replace(model.config, loss_chunk=chunk))
     tokens = _tokens(batch=3)
     mask = jax.random.bernoulli(jax.random.PRNGKey(4), 0.6, (3, CONFIG.seq_len))
     loss, grads = jax.value_and_grad(loss_fn)(chunked, tokens, mask)
@@ -174,6 +252,13 @@ def test_config_errors_name_the_problem():
         ModelConfig(remat=True)
     with pytest.raises(ValueError, match="model.loss_chunk=-1"):
         ModelConfig(loss_chunk=-1)
+    with pytest.raises(ValueError, match="model.arch='llama'; use one of neox, gpt2"):
+        ModelConfig(arch="llama")
+    with pytest.raises(ValueError, match="model.bias=False is a GPT-2 option; GPT-NeoX has true"):
+        ModelConfig(bias=False)
+    with pytest.raises(ValueError, match="model.scale_attn_by_inverse_layer_idx=True is a GPT-2 option"):
+        ModelConfig(scale_attn_by_inverse_layer_idx=True)
+    ModelConfig(arch="gpt2", hidden_dim=64, num_heads=4, rotary_pct=0.1, bias=False)  # rotary is NeoX's only
 
 
 def _dot_operand_dtypes(jaxpr) -> set[tuple[str, ...]]:
@@ -191,12 +276,26 @@ def _dot_operand_dtypes(jaxpr) -> set[tuple[str, ...]]:
     return found
 
 
+@pytest.mark.parametrize("arch", ["neox", "gpt2"])
 @pytest.mark.parametrize("attention, remat, loss_chunk", [("naive", "none", 0), ("blockwise", "full", 5)])
-def test_bf16_step_runs_every_matmul_on_bf16_operands(attention, remat, loss_chunk):
+def test_bf16_step_runs_every_matmul_on_bf16_operands(arch, attention, remat, loss_chunk):
     """compute_dtype bfloat16: no matmul of the loss or its gradient takes a float32 operand (XLA would run
     it in float32), even where an output is float32 (scores, logits) and its cotangent comes back float32."""
-    config = dataclasses.replace(CONFIG, compute_dtype="bfloat16", attention=attention, remat=remat,
+    config = dataclasses.replace(CONFIGS[arch], compute_dtype="bfloat16", attention=attention, remat=remat,
                                  loss_chunk=loss_chunk, attention_block_size=8)
-    model = GPTNeoX.init(config, key=jax.random.PRNGKey(0))
+    model = init_model(config, key=jax.random.PRNGKey(0))
     dtypes = _dot_operand_dtypes(jax.make_jaxpr(jax.grad(loss_fn))(model, _tokens()).jaxpr)
     assert dtypes == {("bfloat16", "bfloat16")}, dtypes
+
+
+def test_gpt2_blockwise_attention_equals_naive():
+    """GPT-2's attention (with its per-layer score scale) through either implementation, blocks of 5 over 16
+    positions (a padded last block): the same loss and gradients (float32; tolerances relative to each
+    leaf's scale, as tests/test_attention.py has them for NeoX in the trainer)."""
+    models = [init_model(dataclasses.replace(GPT2_CONFIG, attention=a, attention_block_size=5),
+                         key=jax.random.PRNGKey(0)) for a in ("naive", "blockwise")]
+    tokens = _tokens()
+    (l1, g1), (l2, g2) = (jax.value_and_grad(loss_fn)(m, tokens) for m in models)
+    np.testing.assert_allclose(l1, l2, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, atol=1e-4 * np.abs(b).max(), rtol=1e-3)

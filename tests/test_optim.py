@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from trainer.model import GPTNeoX, ModelConfig
+from trainer.model import GPTNeoX, ModelConfig, init_model
 from trainer.optim import SophiaGConfig, lr_schedule, weight_decay_mask
 
 
@@ -44,3 +44,15 @@ def test_weight_decay_mask_spares_norms_biases_and_embeddings(decay_embeddings):
             ".embed" in path and not decay_embeddings)
         assert flag == (not spared), path
     assert sum(flags.values()) >= 5  # qkv, out, mlp in/out weights and the head decay
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gpt2_decays_the_linear_weights_only_as_nanogpt(bias):
+    """nanoGPT's configure_optimizers: Linear weights decay; biases, LayerNorms and both embeddings (the tied
+    wte, which is also the head, and wpe) do not."""
+    model = init_model(ModelConfig(arch="gpt2", vocab_size=64, seq_len=8, hidden_dim=16, num_layers=2, num_heads=2,
+                                   bias=bias), key=jax.random.PRNGKey(0))
+    mask = weight_decay_mask(model)
+    decayed = {jax.tree_util.keystr(path[:-1]) for path, flag in jax.tree_util.tree_leaves_with_path(mask) if flag}
+    assert decayed == {f".layers.stacked.{m}.weight" for m in ("attn.qkv", "attn.out", "mlp.up", "mlp.down")}
+    assert len(jax.tree.leaves(mask)) == (16 if bias else 9)  # wte, wpe, 3 LayerNorms, 4 linear weights

@@ -204,14 +204,16 @@ def lr_schedule(config: OptimizerConfig, num_train_steps: int) -> optax.Schedule
 
 
 def weight_decay_mask(params: Any, decay_embeddings: bool = False) -> Any:
-    """True for the leaves that decay: weight matrices (and the head); not norms, biases or (unless asked)
-    the input embedding. Matches trainer/model.py's field names (ln1, ln2, ln_f, embed, bias)."""
+    """True for the leaves that decay: the linear layers' weight matrices (and NeoX's untied head); not
+    norms, biases or (unless asked) the embeddings - NeoX's input embedding, GPT-2's wte (also its tied
+    head, which nanoGPT does not decay either) and wpe. Matches the field names of trainer/models/ (ln1, ln2,
+    ln_f, embed, pos_embed, bias)."""
 
     def decays(path: tuple, _: Any) -> bool:
         names = {getattr(k, "name", None) for k in path}
         if "bias" in names or names & {"ln1", "ln2", "ln_f"}:
             return False
-        if "embed" in names:
+        if names & {"embed", "pos_embed"}:
             return decay_embeddings
         return True
 

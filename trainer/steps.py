@@ -32,7 +32,7 @@ from trainer import sharding
 from trainer.attention import resolve_implementation
 from trainer.config import TrainConfig
 from trainer.data.loader import batch_shards
-from trainer.model import GPTNeoX, logits_fn, token_losses
+from trainer.model import Model, init_model, logits_fn, token_losses
 from trainer.optim import SophiaGConfig, build_optimizer, lr_schedule
 
 __all__ = ["Batch", "TrainState", "Trainer", "hessian_rows", "param_groups"]
@@ -42,7 +42,7 @@ class TrainState(NamedTuple):
     """Everything that changes during training; all leaves are arrays (checkpointable as is)."""
 
     step: jax.Array  # int32 []: steps taken (skipped ones included), = the schedule's and Sophia's counts
-    params: GPTNeoX  # the model, param_dtype (float32)
+    params: Model  # the model, param_dtype (float32)
     opt_state: optax.OptState  # chain(clip, sophia_g | adamw | lion) state: m, h / nu, counters
     key: jax.Array  # uint32 [2]: Hessian label sampling uses fold_in(key, step)
     skipped: jax.Array  # int32 []: steps whose update was dropped (non-finite loss or gradient)
@@ -55,12 +55,15 @@ class Batch(NamedTuple):
     hessian_tokens: jax.Array | None = None  # int32 [hessian_batch, seq_len+1]; needed on refresh steps only
 
 
-def param_groups(params: GPTNeoX) -> Any:
-    """A pytree like params naming each leaf's group: embedding, attention, mlp, norm or head."""
+def param_groups(params: Model) -> Any:
+    """A pytree like params naming each leaf's group: embedding (GPT-2's tied wte and its wpe too),
+    attention, mlp, norm or head (NeoX's untied one)."""
+    fields = (("embed", "embedding"), ("pos_embed", "embedding"), ("attn", "attention"), ("mlp", "mlp"),
+              ("head", "head"))
 
     def group(path: tuple, _: Any) -> str:
         names = [getattr(k, "name", None) for k in path]
-        for field, name in (("embed", "embedding"), ("attn", "attention"), ("mlp", "mlp"), ("head", "head")):
+        for field, name in fields:
             if field in names:
                 return name
         return "norm"
@@ -127,7 +130,7 @@ class Trainer:
                 logits_fn, max_grad_norm=opt.max_grad_norm if opt.hessian_clip else None,
                 microbatches=opt.hessian_microbatches,
                 constrain_grads=lambda g: hax.shard(g, sharding.param_mapping()))  # an FSDP-sharded accumulator
-        abstract_params = jax.eval_shape(lambda k: GPTNeoX.init(config.model, key=k), jax.random.PRNGKey(0))
+        abstract_params = jax.eval_shape(lambda k: init_model(config.model, key=k), jax.random.PRNGKey(0))
         self.groups = param_groups(abstract_params)
         self.optimizer = build_optimizer(opt, tc.num_train_steps, abstract_params, seed=config.seed,
                                          hessian_fn=self.estimator if self.cond_mode else None)
@@ -178,14 +181,14 @@ class Trainer:
     # ------------------------------------------------------------------------------ pure functions
     def _init(self, key: jax.Array) -> TrainState:
         k_params, k_train = jax.random.split(key)
-        params = GPTNeoX.init(self.config.model, key=k_params)
+        params = init_model(self.config.model, key=k_params)
         return TrainState(jnp.zeros([], jnp.int32), params, self.optimizer.init(params), k_train,
                           jnp.zeros([], jnp.int32))
 
-    def _loss_and_grads(self, params: GPTNeoX, tokens: jax.Array) -> tuple[jax.Array, Any]:
+    def _loss_and_grads(self, params: Model, tokens: jax.Array) -> tuple[jax.Array, Any]:
         """Mean loss and its gradient over the global batch, accumulated over `microbatches` (lax.scan)."""
 
-        def sum_loss(p: GPTNeoX, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+        def sum_loss(p: Model, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
             losses, weights = token_losses(p, rows)
             return losses.sum().array, weights.sum().array
 
@@ -237,7 +240,7 @@ class Trainer:
         return state, {**self._sophia_metrics(state.opt_state), "optim/hessian_grad_norm": stats["grad_norm"],
                        "optim/hessian_grad_clipped": stats["clipped"]}
 
-    def _eval_step(self, params: GPTNeoX, tokens: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def _eval_step(self, params: Model, tokens: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
         losses, counted = token_losses(params, tokens, jnp.broadcast_to(weights[:, None], tokens[:, 1:].shape))
         return losses.sum().array, counted.sum().array
 
@@ -305,7 +308,7 @@ class Trainer:
                 metrics = {**metrics, **hessian_metrics}
             return state, metrics
 
-    def eval_loss(self, params: GPTNeoX, batches: Any) -> jax.Array:
+    def eval_loss(self, params: Model, batches: Any) -> jax.Array:
         """Mean loss over `batches` of (tokens, row weights) (trainer.data.loader.EvalBatches)."""
         with self._context():
             sums = [self._eval_jit(params, tokens, weights) for tokens, weights in batches]

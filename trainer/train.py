@@ -44,6 +44,7 @@ from trainer.data.loader import BatchLoader, EvalBatches, batch_shards
 from trainer.fit import fit_microbatches
 from trainer.metrics import MetricsWriter, peak_flops
 from trainer.model import flops_per_token, num_params
+from trainer.models import hf
 from trainer.steps import Batch, Trainer, TrainState
 
 __all__ = ["RESUME_FIELDS", "Run", "main", "run_loop", "setup", "train"]
@@ -100,6 +101,8 @@ def setup(config: TrainConfig, name: str = "run") -> Run:
                                    " check the path and its access (or wait for the storage to recover) and run "
                                    "again") from error
     model = config.model
+    if model.init_from is not None:  # checked against its config.json (and its vocab_size taken) up front
+        model = hf.check_config(model, model.init_from)
     if model.vocab_size is None:
         model = dataclasses.replace(model, vocab_size=train_data.vocab_size)
     elif model.vocab_size < train_data.vocab_size:
@@ -122,6 +125,9 @@ def setup(config: TrainConfig, name: str = "run") -> Run:
                                         prefetch=config.data.prefetch)
     else:
         start_step, state = 0, trainer.init_state()
+        if model.init_from is not None:  # a fresh run starts from the Hugging Face checkpoint's weights
+            state = state._replace(params=hf.load_params(model.init_from, trainer.config.model,
+                                                         trainer.state_shardings.params))
         loader = BatchLoader(train_data, seq_len=seq, global_batch=tc.global_batch, seed=config.seed,
                              sharding=trainer.batch_sharding, prefetch=config.data.prefetch)
     if jax.process_index() == 0:
