@@ -153,6 +153,16 @@ def test_check_resumable_names_the_changed_field():
         check_resumable(saved, current, ["model", "optimizer.type"])
 
 
+
+def test_a_field_older_checkpoints_lack_is_compared_as_the_value_they_had():
+    older = {"model": {"num_layers": 4}}  # written before model.arch existed: a GPT-NeoX
+    fields = {"model.num_layers": None, "model.arch": "neox"}
+    check_resumable(older, {"model": {"num_layers": 4, "arch": "neox"}}, fields)
+    with pytest.raises(ValueError, match=r"model.arch: checkpoint has 'neox', this run has 'gpt2'"):
+        check_resumable(older, {"model": {"num_layers": 4, "arch": "gpt2"}}, fields)
+    with pytest.raises(ValueError, match=r"model.num_layers: checkpoint has None, this run has 4"):
+        check_resumable({"model": {}}, {"model": {"num_layers": 4, "arch": "neox"}}, fields)
+
 def test_trim_metrics_drops_steps_after_the_checkpoint_and_torn_lines(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in range(1, 8)) + '{"step": 8, "tr')

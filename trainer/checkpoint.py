@@ -213,16 +213,20 @@ def read_extras(step_dir: str | os.PathLike) -> dict[str, Any]:
     return json.loads(text)
 
 
-def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any], fields: Iterable[str]) -> None:
+def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any],
+                    fields: Iterable[str] | Mapping[str, Any]) -> None:
     """Refuses to resume when a shape-relevant config field changed.
 
     Args:
       saved, current: nested config dicts (the checkpoint's and this run's).
-      fields: dotted names ("model.num_layers") or section names ("model") whose values must match.
+      fields: dotted names ("model.num_layers") or section names ("model") whose values must match; as a
+        mapping, each name's value is what a checkpoint written before that field existed is taken to have
+        (e.g. {"model.arch": "neox"}: older runs were all GPT-NeoX).
     """
+    older = fields if isinstance(fields, Mapping) else {}
     changed = []
     for field in fields:
-        a, b = _lookup(saved, field), _lookup(current, field)
+        a, b = _lookup(saved, field, older.get(field)), _lookup(current, field)
         if a != b:
             changed.append(f"{field}: checkpoint has {a!r}, this run has {b!r}")
     if changed:
@@ -231,10 +235,12 @@ def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any], fields
                          + "\nrestore the old values, or start a fresh run in another --run_dir")
 
 
-def _lookup(tree: Mapping[str, Any], dotted: str) -> Any:
+def _lookup(tree: Mapping[str, Any], dotted: str, absent: Any = None) -> Any:
     node: Any = tree
     for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, Mapping) else None
+        if not isinstance(node, Mapping) or part not in node:
+            return absent
+        node = node[part]
     return node
 
 
@@ -404,7 +410,7 @@ def resume(checkpointer: Checkpointer, abstract_state: Any, config: Mapping[str,
       FileNotFoundError: `resume_from` names nothing usable.
       CheckpointReadError: a checkpoint could not be read for a reason other than damage; nothing changed.
     """
-    fields = list(fields)
+    fields = dict(fields) if isinstance(fields, Mapping) else list(fields)
     source, wanted = _source(checkpointer, resume_from)
     try:
         steps = source.steps()

@@ -52,12 +52,15 @@ __all__ = ["RESUME_FIELDS", "Run", "main", "run_loop", "setup", "train"]
 logger = logging.getLogger("sophia-train")
 
 # Config fields that fix the shapes (or the data order) of a saved state: resuming with any of them
-# changed is refused with their names. The mesh may change (the restore reshards).
-RESUME_FIELDS = (
-    "model.seq_len", "model.hidden_dim", "model.num_layers", "model.num_heads", "model.mlp_ratio",
-    "model.vocab_size", "model.vocab_multiple", "model.param_dtype", "optimizer.type",
-    "optimizer.update_interval", "trainer.global_batch", "seed",
-)
+# changed is refused with their names. The mesh may change (the restore reshards). Each maps to the value a
+# checkpoint written before the field existed is taken to have (None: every checkpoint records it).
+RESUME_FIELDS = {
+    **dict.fromkeys(("model.seq_len", "model.hidden_dim", "model.num_layers", "model.num_heads", "model.mlp_ratio",
+                     "model.vocab_size", "model.vocab_multiple", "model.param_dtype", "optimizer.type",
+                     "optimizer.update_interval", "trainer.global_batch", "seed")),
+    "model.arch": "neox",  # GPT-2's leaves differ from GPT-NeoX's; before model.arch every run was a NeoX
+    "model.bias": True,
+}
 
 
 class Run(NamedTuple):
