@@ -79,6 +79,7 @@ def scale_by_sophia(
     hessian_fn: HessianFn | None = None,
     seed: int = 0,
     mu_dtype: Any | None = None,
+    h_bias_correction: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Scales updates by Sophia's clipped, Hessian-preconditioned momentum.
 
@@ -117,6 +118,9 @@ def scale_by_sophia(
         TypeError (take `**_` to ignore those meant for other members of a chain).
       seed: seeds the estimator's PRNG key kept in the state.
       mu_dtype: dtype of m; None keeps params' dtype.
+      h_bias_correction: divide h by `1 - b2**n` in the denominator, n the estimates folded in so far
+        (Adam's correction of an EMA that starts at zero; h itself is stored uncorrected). Off by
+        default: the official rule has no correction.
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose state is a `SophiaState`.
@@ -138,11 +142,19 @@ def scale_by_sophia(
             win_rates=tuple(jnp.zeros([], jnp.float32) for _ in jax.tree.leaves(params)),
         )
 
-    def precondition(g: jax.Array, m: jax.Array, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def h_scale(hessian_updates: jax.Array) -> jax.Array:
+        """rho, or with h_bias_correction rho / (1 - b2**n) after n > 0 estimates."""
+        if not h_bias_correction:
+            return jnp.asarray(rho, hparam_dtype)
+        n = hessian_updates.astype(hparam_dtype)
+        weight = 1 - jnp.asarray(b2, hparam_dtype) ** n
+        return jnp.asarray(rho, hparam_dtype) / jnp.where(n > 0, weight, 1)
+
+    def precondition(g: jax.Array, m: jax.Array, h: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(the clipped, preconditioned update of one leaf, the fraction of it not clipped)."""
         # fp32 (or wider) arithmetic whatever the storage dtype; XLA fuses this into one pass.
         dtype = at_least_float32(g.dtype)
-        denominator = jnp.maximum(jnp.asarray(rho, dtype) * h.astype(dtype), 0) + jnp.asarray(eps, dtype)
+        denominator = jnp.maximum(scale.astype(dtype) * h.astype(dtype), 0) + jnp.asarray(eps, dtype)
         ratio = m.astype(dtype) / denominator
         if clip_threshold is None:
             return ratio.astype(g.dtype), jnp.ones([], jnp.float32)
@@ -156,7 +168,8 @@ def scale_by_sophia(
         mu = optax.tree.update_moment(updates, optax.tree.cast_like(state.mu, updates), b1, 1)
         mu = optax.tree.cast(mu, mu_dtype) if mu_dtype is not None else optax.tree.cast_like(mu, state.mu)
         grads, treedef = jax.tree.flatten(updates)
-        leaves = [precondition(g, m, h) for g, m, h in
+        scale = h_scale(state.hessian_updates)
+        leaves = [precondition(g, m, h, scale) for g, m, h in
                   zip(grads, treedef.flatten_up_to(mu), treedef.flatten_up_to(state.h))]
         new_updates = treedef.unflatten([u for u, _ in leaves])
         state = state._replace(count=optax.safe_int32_increment(state.count), mu=mu,
@@ -192,6 +205,7 @@ def sophia_g(
     weight_decay_mask: Any | None = None,
     mu_dtype: Any | None = None,
     seed: int = 0,
+    h_bias_correction: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Sophia-G: `scale_by_sophia`, decoupled weight decay, then the learning rate.
 
@@ -221,7 +235,8 @@ def sophia_g(
 
     Args:
       learning_rate: a float or an optax schedule of the step count.
-      b1, b2, rho, eps, clip_threshold, update_interval, hessian_fn, mu_dtype, seed: see `scale_by_sophia`.
+      b1, b2, rho, eps, clip_threshold, update_interval, hessian_fn, mu_dtype, seed, h_bias_correction: see
+        `scale_by_sophia`.
       weight_decay: decoupled weight decay, multiplied by the learning rate as in AdamW.
       weight_decay_mask: a pytree of bools like params (or a callable returning one) selecting the
         leaves that decay.
@@ -235,7 +250,8 @@ def sophia_g(
     """
     return optax.chain(
         scale_by_sophia(b1=b1, b2=b2, rho=rho, eps=eps, clip_threshold=clip_threshold,
-                        update_interval=update_interval, hessian_fn=hessian_fn, seed=seed, mu_dtype=mu_dtype),
+                        update_interval=update_interval, hessian_fn=hessian_fn, seed=seed, mu_dtype=mu_dtype,
+                        h_bias_correction=h_bias_correction),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -254,6 +270,7 @@ def sophia_h(
     weight_decay_mask: Any | None = None,
     mu_dtype: Any | None = None,
     seed: int = 0,
+    h_bias_correction: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Sophia-H: `sophia_g` meant for the Hutchinson estimator (`sophia_jax.hutchinson`).
 
@@ -264,7 +281,7 @@ def sophia_h(
     return sophia_g(
         learning_rate, b1=b1, b2=b2, rho=rho, weight_decay=weight_decay, eps=eps, clip_threshold=clip_threshold,
         update_interval=update_interval, hessian_fn=hessian_fn, weight_decay_mask=weight_decay_mask,
-        mu_dtype=mu_dtype, seed=seed,
+        mu_dtype=mu_dtype, seed=seed, h_bias_correction=h_bias_correction,
     )
 
 
