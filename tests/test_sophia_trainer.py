@@ -99,3 +99,16 @@ def test_diagnostics_on_logged_steps_only_and_the_win_rate_is_the_applied_clippi
     assert float(metrics["optim/hessian_norm"]) == pytest.approx(float(sophia_jax.metrics(state.opt_state)[
         "hessian_norm"]), rel=1e-6)  # the h after the refresh
     assert [trainer.log_due(s) for s in (1, 4, 8, 19, 20)] == [False, True, True, False, True]
+
+
+def test_the_hessian_step_builds_the_logits_a_chunk_at_a_time():
+    """XLA's memory analysis of the compiled Hessian step (one device, 8 x 128 positions, vocabulary 16384:
+    float32 logits of 64 MiB): with model.loss_chunk 16 the estimator keeps one chunk's logits at a time."""
+    model = dataclasses.replace(MODEL, vocab_size=16384, seq_len=128)
+    temps = {}
+    for chunk in (0, 16):
+        trainer = make_trainer(dataclasses.replace(model, loss_chunk=chunk), hessian_batch_fraction=1.0)
+        temps[chunk] = trainer.lower("hessian").compile().memory_analysis().temp_size_in_bytes / 2**20
+    print(f"Hessian step temporaries (MiB) by loss_chunk: {temps}")
+    logits_mib = 8 * 128 * 16384 * 4 / 2**20
+    assert temps[0] > 3 * logits_mib and temps[16] < logits_mib, temps
