@@ -103,7 +103,8 @@ def test_diagnostics_on_logged_steps_only_and_the_win_rate_is_the_applied_clippi
 
 def test_the_hessian_step_builds_the_logits_a_chunk_at_a_time():
     """XLA's memory analysis of the compiled Hessian step (one device, 8 x 128 positions, vocabulary 16384:
-    float32 logits of 64 MiB): with model.loss_chunk 16 the estimator keeps one chunk's logits at a time."""
+    float32 logits of 64 MiB): with model.loss_chunk 16 the estimator keeps one chunk's logits at a time
+    (measured 60 MiB of temporaries, 203 MiB unchunked; 263 MiB either way when the estimator ignored it)."""
     model = dataclasses.replace(MODEL, vocab_size=16384, seq_len=128)
     temps = {}
     for chunk in (0, 16):
@@ -111,4 +112,4 @@ def test_the_hessian_step_builds_the_logits_a_chunk_at_a_time():
         temps[chunk] = trainer.lower("hessian").compile().memory_analysis().temp_size_in_bytes / 2**20
     print(f"Hessian step temporaries (MiB) by loss_chunk: {temps}")
     logits_mib = 8 * 128 * 16384 * 4 / 2**20
-    assert temps[0] > 3 * logits_mib and temps[16] < logits_mib, temps
+    assert temps[0] > 2 * logits_mib and temps[16] < logits_mib, temps
