@@ -18,11 +18,7 @@ from sophia_jax.transform import HessianFn, at_least_float32
 
 __all__ = ["ChunkedLogits", "gauss_newton_bartlett", "hutchinson", "sample_labels"]
 
-# Positions whose labels are drawn together: the Gumbel noise exists for this many positions at a time.
-# (XLA's memory analysis of a float32 [8, 128, 16384] sampled-label gradient on CPU: 320 MiB of temporaries
-# with one jax.random.categorical over the whole logits, 384 MiB with all positions' noise at once, 128 MiB
-# position by position; 16 keeps that and amortizes the loop.)
-_SAMPLE_GROUP = 16
+_SAMPLE_GROUP = 16  # on CPU, the positions whose labels are drawn together (see sample_labels)
 
 
 class ChunkedLogits(NamedTuple):
@@ -71,8 +67,7 @@ def sample_labels(logits: jax.Array, key: jax.Array, positions: jax.Array | None
 
     Gumbel-max, `argmax(logits + g)`, with the noise `g` of position t (all leading rows at once, shape
     `[..., V]`) drawn from `fold_in(key, t)`: a label depends on its position's index, not on how the
-    positions are grouped, so a chunked estimate samples exactly the labels of the whole one. The positions
-    are sampled `_SAMPLE_GROUP` at a time (`lax.map`), so the noise never exists for all of `[..., T, V]`.
+    positions are grouped, so a chunked estimate samples exactly the labels of the whole one.
 
     Args:
       logits: `[..., T, V]` (no gradient flows through the sampling).
@@ -83,17 +78,33 @@ def sample_labels(logits: jax.Array, key: jax.Array, positions: jax.Array | None
       int32 `[..., T]`.
     """
     logits = jax.lax.stop_gradient(logits)
-    T = logits.shape[-2]
-    positions = jnp.arange(T) if positions is None else positions
+    positions = jnp.arange(logits.shape[-2]) if positions is None else positions
+    # The same numbers two ways (XLA's memory analysis of a sampled-label gradient, float32 [8, 2048, 25216]
+    # logits in chunks of 512): one elementwise expression over all positions, which XLA for TPU fuses into
+    # the argmax (0.23 GiB of temporaries) but XLA for CPU materializes (2.24 GiB); on CPU a loop over
+    # groups of positions keeps one group's noise at a time (1.08 GiB).
+    return jax.lax.platform_dependent(logits, key, positions, cpu=_labels_by_group, default=_labels_at_once)
+
+
+def _gumbel(key: jax.Array, position: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
+    return jax.random.gumbel(jax.random.fold_in(key, position), shape, dtype)
+
+
+def _labels_at_once(logits: jax.Array, key: jax.Array, positions: jax.Array) -> jax.Array:
+    shape = logits.shape[:-2] + logits.shape[-1:]
+    noise = jax.vmap(lambda t: _gumbel(key, t, shape, logits.dtype))(positions)  # [T, ..., V]
+    return jnp.argmax(logits + jnp.moveaxis(noise, 0, -2), axis=-1).astype(jnp.int32)
+
+
+def _labels_by_group(logits: jax.Array, key: jax.Array, positions: jax.Array) -> jax.Array:
     shape = logits.shape[:-2] + logits.shape[-1:]
 
     def position(i: jax.Array) -> jax.Array:  # the labels [...] of the i-th position
         row = jax.lax.dynamic_index_in_dim(logits, i, axis=logits.ndim - 2, keepdims=False)
-        noise = jax.random.gumbel(jax.random.fold_in(key, positions[i]), shape, logits.dtype)
-        return jnp.argmax(row + noise, axis=-1).astype(jnp.int32)
+        return jnp.argmax(row + _gumbel(key, positions[i], shape, logits.dtype), axis=-1).astype(jnp.int32)
 
-    labels = jax.lax.map(position, jnp.arange(T), batch_size=min(T, _SAMPLE_GROUP))  # [T, ...]
-    return jnp.moveaxis(labels, 0, -1)
+    T = logits.shape[-2]
+    return jnp.moveaxis(jax.lax.map(position, jnp.arange(T), batch_size=min(T, _SAMPLE_GROUP)), 0, -1)
 
 
 def _sampled_loss_sum(logits: jax.Array, mask: jax.Array | None, key: jax.Array,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import sophia_jax
+from sophia_jax import estimators
 
 N, D, V = 12, 3, 5
 SAMPLES = 16000
@@ -318,6 +319,21 @@ def test_chunked_logits_are_never_built_whole():
     whole, chunked = temporaries(0), temporaries(64)
     print(f"temporaries: whole {whole:.1f} MiB, chunks of 64 {chunked:.1f} MiB; logits {logits_mib:.0f} MiB")
     assert whole > logits_mib and chunked < logits_mib / 2 and chunked < whole / 4, (whole, chunked)
+
+
+@pytest.mark.parametrize("shape", [(37, 11), (3, 37, 11), (2, 3, 16, 5)])
+def test_both_ways_of_sampling_draw_the_documented_labels(shape):
+    """sample_labels runs one of two programs by platform (all positions at once; groups of positions under
+    lax.map, on CPU): both give the restated labels, for position counts that are and are not multiples of
+    the group."""
+    logits = jax.random.normal(jax.random.PRNGKey(1), shape)
+    key, positions = jax.random.PRNGKey(9), jnp.arange(shape[-2])
+    want = _labels(logits, key)
+    for draw in (estimators._labels_at_once, estimators._labels_by_group):
+        np.testing.assert_array_equal(jax.jit(draw)(logits, key, positions), want)
+    np.testing.assert_array_equal(sophia_jax.sample_labels(logits, key), want)
+    shifted = sophia_jax.sample_labels(logits[..., 5:, :], key, positions[5:])  # a later chunk: same labels
+    np.testing.assert_array_equal(shifted, want[..., 5:])
 
 
 def test_chunked_logits_mask_of_the_wrong_shape_is_refused():
