@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import haliax as hax
 import jax
@@ -80,7 +80,7 @@ def hessian_rows(config: TrainConfig) -> int:
     return max(1, round(config.trainer.global_batch * opt.hessian_batch_fraction))
 
 
-def estimator_logits(config: ModelConfig) -> Any:
+def estimator_logits(config: ModelConfig) -> Callable[[GPTNeoX, jax.Array], sophia_jax.ChunkedLogits]:
     """`logits_fn(model, tokens)` for `sophia_jax.gauss_newton_bartlett`: the model's final hidden states and
     its output head as a `sophia_jax.ChunkedLogits`, so the estimator builds the float32 logits
     `model.loss_chunk` positions at a time (0: the whole sequence), as the train loss does. Uses
@@ -100,6 +100,14 @@ def estimator_logits(config: ModelConfig) -> Any:
     return logits_fn
 
 
+def _is_sophia(node: Any) -> bool:
+    return isinstance(node, sophia_jax.SophiaState)
+
+
+# sophia_jax.metrics' estimator statistics -> the names the run logs (as the separate Hessian step's).
+_ESTIMATOR_METRICS = {"estimator/grad_norm": "hessian_grad_norm", "estimator/clipped": "hessian_grad_clipped"}
+
+
 def _drop_update(finite: jax.Array, new: Any, old: Any) -> Any:
     """The optimizer state after a step whose update is dropped (see the module docstring): floating
     leaves (the moments) keep their old values, counters take the new ones; Sophia's h keeps its refresh
@@ -109,15 +117,11 @@ def _drop_update(finite: jax.Array, new: Any, old: Any) -> Any:
         return jnp.where(finite, n, o) if jnp.issubdtype(n.dtype, jnp.floating) else n
 
     def keep(n: Any, o: Any) -> Any:
-        if isinstance(n, sophia_jax.SophiaState):
+        if _is_sophia(n):
             return n._replace(mu=jax.tree.map(select, n.mu, o.mu))
         return jax.tree.map(select, n, o)
 
-    return jax.tree.map(keep, new, old, is_leaf=lambda x: isinstance(x, sophia_jax.SophiaState))
-
-
-def _is_sophia(node: Any) -> bool:
-    return isinstance(node, sophia_jax.SophiaState)
+    return jax.tree.map(keep, new, old, is_leaf=_is_sophia)
 
 
 class Trainer:
@@ -257,10 +261,13 @@ class Trainer:
 
     def _sophia_metrics(self, opt_state: optax.OptState) -> dict[str, jax.Array]:
         """`sophia_jax.metrics` as the run logs them (on logged steps only: they read every m and h)."""
-        m = sophia_jax.metrics(opt_state, groups=self.groups)
-        names = {"estimator/grad_norm": "hessian_grad_norm", "estimator/clipped": "hessian_grad_clipped"}
-        return {f"optim/{names.get(name, name)}": value for name, value in m.items()
-                if name in names or name not in ("count", "momentum_norm") and not name.startswith("estimator/")}
+        out = {}
+        for name, value in sophia_jax.metrics(opt_state, groups=self.groups).items():
+            if name in _ESTIMATOR_METRICS:  # hessian_mode 'cond': the in-update estimator's, from the state
+                out[f"optim/{_ESTIMATOR_METRICS[name]}"] = value
+            elif name not in ("count", "momentum_norm") and not name.startswith("estimator/"):
+                out[f"optim/{name}"] = value
+        return out
 
     def _hessian_step(self, state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         """Folds one GNB estimate on `tokens` (labels sampled from the model) into Sophia's h; reports the
