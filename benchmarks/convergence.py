@@ -15,7 +15,9 @@ beyond that edge (x2 in lr, x4 in rho) is run, up to --max_widen points outside 
 seeds at the best. The first regime starts from the size's grids, later ones around the first regime's
 bests (lr x1/2, x1, x2 and its rho; --independent_grids: the size's grids). Sophia-G alternatives (one
 seed): the estimator's gradient not clipped (lr best/2, best, 2 best x rho 0.05, widened once) and the
-Hessian batch equal to the train batch (the official runs' choice; at the best lr and rho).
+Hessian batch equal to the train batch (the official runs' choice; at the best lr and rho). Sophia-G with a
+bias-corrected h (`optimizer.h_bias_correction`) is tuned like an optimizer: its own grid (Sophia-G's),
+widened, and --seeds seeds at its best.
 
 Resumable: a run whose directory holds bench.json and a metrics.jsonl that reached the last step with an
 eval loss is read, not rerun; an unfinished one resumes from its checkpoint, or restarts without one.
@@ -104,7 +106,11 @@ VARIANTS: dict[str, tuple[str, Callable[[Regime], dict[str, Any]]]] = {
     "fullbatch": ("Sophia-G, Hessian batch = train batch",
                   lambda r: {"optimizer.hessian_batch_fraction": 1.0,
                              "optimizer.hessian_microbatches": r.microbatches}),
+    "hbias": ("Sophia-G, bias-corrected h", lambda r: {"optimizer.h_bias_correction": True}),
 }
+# Variants tuned like an optimizer (its own lr x rho grid, widened, --seeds seeds at its best); the others
+# get one seed around the default rule's best.
+TUNED_VARIANTS = ("hbias",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -290,15 +296,22 @@ def machine() -> str:
 
 
 def run_regime(campaign: Campaign, optimizers: Sequence[str], lr_grids: dict[str, Sequence[float]],
-               rhos: Sequence[float], seeds: int, max_widen: int, alternatives: bool, out: Path) -> dict[str, Any]:
-    """Tunes each optimizer, runs the seeds at its best and the Sophia-G alternatives, writes the
-    regime's table, plots and summary; returns the summary."""
+               rho_grids: dict[str, Sequence[float]], seeds: int, max_widen: int, alternatives: bool,
+               out: Path) -> dict[str, Any]:
+    """Tunes each optimizer (and the tuned Sophia-G variants), runs the seeds at its best and the other
+    Sophia-G alternatives, writes the regime's table, plots and summary; returns the summary. The grids are
+    keyed by optimizer or tuned variant ("sophia_g-hbias"; a variant without its own takes Sophia-G's)."""
     log = campaign.log
     best: dict[str, tuple[Point, list[str]]] = {}
-    for opt in optimizers:
-        log(f"[{campaign.regime.name}] {opt}: grid lr {list(lr_grids[opt])}"
-            + (f" x rho {list(rhos)}" if opt == "sophia_g" else ""))
-        best[opt] = campaign.tune(opt, lr_grids[opt], rhos if opt == "sophia_g" else [None], max_widen)
+    entries = [(opt, opt, "") for opt in optimizers]  # (key, optimizer, variant)
+    if alternatives and "sophia_g" in optimizers:
+        entries += [(f"sophia_g-{v}", "sophia_g", v) for v in TUNED_VARIANTS]
+    for key, opt, variant in entries:
+        lrs = lr_grids.get(key, lr_grids[opt])
+        key_rhos = rho_grids.get(key, rho_grids["sophia_g"]) if opt == "sophia_g" else [None]
+        log(f"[{campaign.regime.name}] {key}: grid lr {list(lrs)}"
+            + (f" x rho {list(key_rhos)}" if opt == "sophia_g" else ""))
+        best[key] = campaign.tune(opt, lrs, key_rhos, max_widen, variant=variant)
     seeded = {opt: [dataclasses.replace(p, seed=s) for s in range(seeds)] for opt, (p, _) in best.items()}
     for points in seeded.values():
         for p in points:
@@ -350,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for item in args.grid:
         opt, _, values = item.partition("=")
         grids[opt] = tuple(float(v) for v in values.split(","))
-    rhos = tuple(float(v) for v in args.rho.split(",")) if args.rho else size.rho_grid
+    rho_grids = {"sophia_g": tuple(float(v) for v in args.rho.split(",")) if args.rho else size.rho_grid}
     regimes = [r for r in size.regimes if args.regimes is None or r.name in args.regimes.split(",")]
     if args.steps is not None:
         regimes = [dataclasses.replace(r, steps=args.steps, eval_every=max(1, args.steps // 5),
@@ -367,13 +380,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     summaries, counts = {}, [0, 0]
     for regime in regimes:
         campaign = Campaign(size, regime, out, extra, dry_run=args.dry_run, log=lambda s: print(s, flush=True))
-        summary = run_regime(campaign, optimizers, grids, rhos, args.seeds, args.max_widen, not args.no_alternatives,
-                             out)
+        summary = run_regime(campaign, optimizers, grids, rho_grids, args.seeds, args.max_widen,
+                             not args.no_alternatives, out)
         summaries[regime.name] = summary
         if not args.independent_grids and summary:  # the next regimes start around these bests (then widen)
             grids = {o: (_scaled(b["lr"], 1 / LR_FACTOR), b["lr"], _scaled(b["lr"], LR_FACTOR))
                      for o, b in summary["best"].items()}
-            rhos = (summary["best"]["sophia_g"]["rho"],) if "sophia_g" in summary["best"] else rhos
+            rho_grids = {**rho_grids, **{o: (b["rho"],) for o, b in summary["best"].items() if b["rho"] is not None}}
         counts[0] += campaign.executed
         counts[1] += campaign.reused
     if args.dry_run:

@@ -25,8 +25,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 __all__ = ["GROUPS", "LABELS", "RunData", "curve", "diagnostics_row", "fmt", "load_run", "plot_diagnostics",
            "plot_losses", "steps_to_reach", "h_check", "write_regime", "write_report"]
 
-LABELS = {"sophia_g": "Sophia-G", "adamw": "AdamW", "lion": "Lion"}
-COLORS = {"sophia_g": "tab:red", "adamw": "tab:blue", "lion": "tab:green"}
+# Keyed by optimizer, or "sophia_g-<variant>" for a Sophia-G variant tuned like an optimizer.
+LABELS = {"sophia_g": "Sophia-G", "adamw": "AdamW", "lion": "Lion",
+          "sophia_g-hbias": "Sophia-G, bias-corrected h (not the default rule)"}
+COLORS = {"sophia_g": "tab:red", "adamw": "tab:blue", "lion": "tab:green", "sophia_g-hbias": "tab:purple"}
 GROUPS = ("embedding", "attention", "mlp", "norm", "head")
 
 
@@ -143,7 +145,7 @@ def h_check(run: RunData, run_dir: Path) -> float | None:
     import yaml
 
     from trainer.config import TrainConfig, from_dict
-    from trainer.model import num_params
+    from trainer.models import num_params
 
     config = from_dict(TrainConfig, {k: v for k, v in yaml.safe_load((run_dir / "config.yaml").read_text()).items()})
     opt, k = config.optimizer, config.optimizer.update_interval
@@ -285,7 +287,7 @@ def write_regime(campaign: Any, best: dict[str, tuple[Any, list[str]]], seeded: 
              "| divergences in its grid |", "|---|---|---|---|---|---|"]
     summary: dict[str, Any] = {"regime": regime.name, "tokens_per_step": tokens, "steps": regime.steps, "best": {}}
     for opt, runs in seeds.items():
-        grid = [r for p, r in results.items() if p.optimizer == opt and not p.variant and p.seed == 0]
+        grid = [r for p, r in results.items() if _key(p) == opt and p.seed == 0]
         point = best[opt][0]
         finals = [r.final_eval for r in runs]
         tps = [r.tokens_per_second for r in runs if r.tokens_per_second]
@@ -306,6 +308,12 @@ def write_regime(campaign: Any, best: dict[str, tuple[Any, list[str]]], seeded: 
         summary["reach"] = {
             "sophia_to_adamw": steps_to_reach(*curve(seeds["sophia_g"])[:2], a),
             "adamw_to_sophia": steps_to_reach(*curve(seeds["adamw"])[:2], s)}
+        if "sophia_g-hbias" in seeds:
+            hb = summary["best"]["sophia_g-hbias"]["mean"]
+            lines += [_reach("Sophia-G with bias-corrected h", seeds["sophia_g-hbias"], "AdamW", a, tokens),
+                      _reach("AdamW", seeds["adamw"], "Sophia-G with bias-corrected h", hb, tokens)]
+            summary["reach"]["hbias_to_adamw"] = steps_to_reach(*curve(seeds["sophia_g-hbias"])[:2], a)
+            summary["reach"]["adamw_to_hbias"] = steps_to_reach(*curve(seeds["adamw"])[:2], hb)
     lines += ["", "(curves are the mean over seeds, evaluated every "
               f"{regime.eval_every} steps; wall-clock includes compilation, on a shared machine)", ""]
     notes = [f"{LABELS[o]}: {n}" for o, (_, ns) in best.items() for n in ns]
@@ -357,7 +365,13 @@ def write_regime(campaign: Any, best: dict[str, tuple[Any, list[str]]], seeded: 
     return summary
 
 
-VARIANT_LABELS = {"noclip": "estimator gradient not clipped", "fullbatch": "Hessian batch = train batch"}
+VARIANT_LABELS = {"noclip": "estimator gradient not clipped", "fullbatch": "Hessian batch = train batch",
+                  "hbias": "bias-corrected h"}
+
+
+def _key(point: Any) -> str:
+    """The table key of a run: its optimizer, or "sophia_g-<variant>" for a variant."""
+    return point.optimizer + (f"-{point.variant}" if point.variant else "")
 
 
 def _utc(timestamp: float) -> str:

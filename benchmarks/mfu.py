@@ -5,7 +5,7 @@ own and an out-of-memory row cannot poison the next). A row compiles the trainer
 warm-up step (and one Hessian step for Sophia-G), then times whole cycles of k = update_interval steps
 back to back: k train steps, plus the Hessian step after the k-th for Sophia-G (on its configured
 fraction of the batch), so Sophia-G's step time is its amortized cost. Step time is the median over
-cycles of (cycle time / k). MFU = tokens/s x trainer.model.flops_per_token (6N + attention; the Hessian
+cycles of (cycle time / k). MFU = tokens/s x trainer.models.flops_per_token (6N + attention; the Hessian
 step's FLOPs are not counted: it is overhead) / (trainer.metrics.peak_flops x devices). Peak memory is
 the device allocator's peak where it reports one, else XLA's compiled bound (arguments + temporaries
 + unaliased outputs) of the largest program. Ratios: tokens/s against the same config's AdamW row; a
@@ -105,7 +105,7 @@ def measure(row: Row, steps: int) -> dict:
     import numpy as np
 
     from trainer.metrics import peak_flops
-    from trainer.model import flops_per_token
+    from trainer.models import flops_per_token
     from trainer.sharding import make_mesh
     from trainer.steps import Trainer
 

@@ -1,5 +1,5 @@
-"""Step time of the jitted Sophia-G update against optax.adamw and optax.contrib.sophia, and the
-fraction of the memory-bandwidth roofline each reaches.
+"""Step time of the jitted Sophia-G update against optax.adamw and optax.contrib.sophia, the fraction of
+the memory-bandwidth roofline each reaches, and (without a clock) XLA's compiled cost of each update.
 
 All optimizers are timed in one process, interleaved round by round, on a transformer-shaped pytree
 (~30M parameters by default), as a trainer runs them: `(params, state) -> (params + update, state)`,
@@ -8,15 +8,24 @@ training loop); reported times are medians over rounds of the mean time per call
 The roofline is a jitted, donated triad `a*x + b*y` over the same number of elements: bytes moved per
 second by each update (arrays it must read and write, x element size) divided by the triad's.
 
-    python benchmarks/optimizer_step.py [--layers 4 --d_model 512 --vocab 16384 --rounds 15]
+The compiled cost is deterministic: `cost_analysis()["bytes accessed"]` of the donated update
+`(params, state, grads) -> (params, state)` on 8 float32 1024 x 1024 matrices, divided by 4 bytes x params
+(Sophia's floor is 6: read p, g, m, h; write p, m; AdamW's 7), and the number of fusions XLA emitted; on
+this machine's CPU and, with libtpu installed, for a TPU v3 core compiled without one (`--tpu v3:2x2`).
+tests/test_sophia_cost.py guards the same numbers.
+
+    python benchmarks/optimizer_step.py [--layers 4 --d_model 512 --vocab 16384 --rounds 15] [--tpu v3:2x2]
+    python benchmarks/optimizer_step.py --cost_only [--tpu v3:2x2]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +94,58 @@ def optimizer_steps(params, grads):
     return steps
 
 
+def update_cost(opt: Any, params: Any, device: Any | None = None, **extra_args: Any) -> tuple[float, int]:
+    """(bytes accessed / (4 x params), fusions) of the compiled, donated `(params, state, grads) -> (params,
+    state)` of `opt` on `params` (arrays or ShapeDtypeStructs), for `device` (default: the first CPU)."""
+    def step(params, state, grads):
+        updates, state = opt.update(grads, state, params, **extra_args)
+        return optax.apply_updates(params, updates), state
+
+    sharding = jax.sharding.SingleDeviceSharding(device or jax.devices("cpu")[0])
+    shaped = lambda tree: jax.tree.map(  # noqa: E731
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), tree)
+    state = jax.eval_shape(opt.init, params)
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(shaped(params), shaped(state), shaped(params)).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost  # older jax: one dict per device
+    n = sum(a.size for a in jax.tree.leaves(params))
+    fusions = len(re.findall(r"= [^\n]*? fusion\(", compiled.as_text()))
+    return cost["bytes accessed"] / (4 * n), fusions
+
+
+def cost_optimizers() -> dict[str, tuple[Any, dict[str, Any]]]:
+    """name -> (optimizer, extra args of its update) for the compiled-cost table."""
+    quadratic = lambda p: sum(jnp.sum(x * x) for x in jax.tree.leaves(p))  # noqa: E731
+    return {
+        "sophia_g": (sophia_jax.sophia_g(1e-3, weight_decay=0.1), {}),
+        "sophia_g, h_bias_correction": (sophia_jax.sophia_g(1e-3, weight_decay=0.1, h_bias_correction=True), {}),
+        "optax.adamw": (optax.adamw(1e-3, b1=0.9, b2=0.95, weight_decay=0.1), {}),
+        "optax.contrib.sophia": (optax.contrib.sophia(1e-3, weight_decay=0.1), {"obj_fn": quadratic}),
+        # Both branches of the conditional counted: the estimator's own work and h through the cond.
+        "sophia_g + hutchinson in cond": (sophia_jax.sophia_g(1e-3, weight_decay=0.1,
+                                                              hessian_fn=sophia_jax.hutchinson(quadratic)), {}),
+    }
+
+
+COST_PARAMS = {f"w{i}": jax.ShapeDtypeStruct((1024, 1024), jnp.float32) for i in range(8)}
+
+
+def print_cost_table(tpu: str | None) -> None:
+    devices = {"CPU": jax.devices("cpu")[0]}
+    if tpu:
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        from jax.experimental import topologies
+
+        devices[f"TPU {tpu} (deviceless)"] = topologies.get_topology_desc(tpu, "tpu").devices[0]
+    header = "| update (8 x 1024 x 1024 float32) | " + " | ".join(f"{d}: bytes/param, fusions" for d in devices) + " |"
+    print(header)
+    print("|" + "---|" * (len(devices) + 1))
+    for name, (opt, extra) in cost_optimizers().items():
+        cells = [update_cost(opt, COST_PARAMS, device, **extra) for device in devices.values()]
+        print(f"| {name} | " + " | ".join(f"{b:.2f}, {f}" for b, f in cells) + " |", flush=True)
+
+
 def bench_updates(params, rounds: int, calls: int) -> list[tuple[str, float, int]]:
     grads = jax.tree.map(lambda p: p * 0.5 + 1e-3, params)
     n = sum(x.size for x in jax.tree.leaves(params))
@@ -139,7 +200,12 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--calls", type=int, default=5, help="timed calls per optimizer per round")
+    parser.add_argument("--tpu", default=None, help="also the compiled cost for this TPU topology (needs libtpu)")
+    parser.add_argument("--cost_only", action="store_true", help="only the compiled-cost table (no timing)")
     args = parser.parse_args()
+    if args.cost_only:
+        print_cost_table(args.tpu)
+        return
 
     device = jax.devices()[0]
     params = transformer_params(args.layers, args.d_model, args.vocab, jax.random.PRNGKey(0))
@@ -172,6 +238,8 @@ def main() -> None:
     grad_time = dict(hessian)["gradient"]
     for name, t in hessian:
         print(f"| {name} | {t * 1e3:.2f} | {t / grad_time:.2f}x |")
+    print("\nCompiled cost (XLA cost_analysis, deterministic):\n")
+    print_cost_table(args.tpu)
 
 
 if __name__ == "__main__":

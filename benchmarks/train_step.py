@@ -25,7 +25,7 @@ import numpy as np
 
 from trainer.config import load_config
 from trainer.fit import bound_bytes
-from trainer.model import flops_per_token, num_params
+from trainer.models import flops_per_token, num_params
 from trainer.sharding import make_mesh
 from trainer.optim import OPTIMIZERS
 from trainer.steps import Batch, Trainer

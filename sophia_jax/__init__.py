@@ -5,10 +5,11 @@
         sophia_jax.sophia_g(6e-4, rho=0.05, weight_decay=0.2,
                             hessian_fn=sophia_jax.gauss_newton_bartlett(logits_fn)),
     )
-    updates, state = opt.update(grads, state, params, batch=batch)  # extra kwargs reach the estimator
+    updates, state = opt.update(grads, state, params, inputs=x)  # logits_fn gets the extra args it names
+    diagnostics = sophia_jax.metrics(state)  # on the steps you log, in its own jitted function
 """
 
-from sophia_jax.estimators import gauss_newton_bartlett, hutchinson
+from sophia_jax.estimators import ChunkedLogits, gauss_newton_bartlett, hutchinson, sample_labels
 from sophia_jax.transform import (
     HessianFn,
     SophiaState,
@@ -20,11 +21,13 @@ from sophia_jax.transform import (
 )
 
 __all__ = [
+    "ChunkedLogits",
     "HessianFn",
     "SophiaState",
     "gauss_newton_bartlett",
     "hutchinson",
     "metrics",
+    "sample_labels",
     "scale_by_sophia",
     "sophia_g",
     "sophia_h",

@@ -11,7 +11,7 @@ import pytest
 
 from trainer.config import TrainConfig, TrainerConfig
 from trainer.fit import DoesNotFit, _largest_fitting, fit_microbatches
-from trainer.model import ModelConfig
+from trainer.models import ModelConfig
 from trainer.optim import SophiaGConfig
 from trainer.sharding import MeshConfig, make_mesh
 

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from trainer import aot
 from trainer.checkpoint import CheckpointConfig, Checkpointer
 from trainer.config import TrainConfig, TrainerConfig, load_config
-from trainer.model import GPT2, ModelConfig, num_params
+from trainer.models import GPT2, ModelConfig, num_params
 from trainer.optim import SophiaGConfig
 from trainer.sharding import MeshConfig, make_mesh
 from trainer.steps import Batch, Trainer

@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 
-from trainer.model import ModelConfig, init_model
+from trainer.models import ModelConfig, init_model
 from trainer.models import hf
 
 BASE = ModelConfig(vocab_size=300, seq_len=16, hidden_dim=64, num_layers=2, num_heads=4, compute_dtype="float32")

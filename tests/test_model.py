@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trainer.model import (
+from trainer.models import (
     GPT2,
     GPTNeoX,
     ModelConfig,

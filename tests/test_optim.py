@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from trainer.model import GPTNeoX, ModelConfig, init_model
+from trainer.models import GPTNeoX, ModelConfig, init_model
 from trainer.optim import SophiaGConfig, lr_schedule, weight_decay_mask
 
 

@@ -1,5 +1,8 @@
 """The optax contract: extra args, jit stability, convergence, inject_hyperparams, sharding, dtypes,
-None leaves and masks, non-finite inputs, update_hessian and metrics."""
+optax.tree.map_params, None leaves and masks, non-finite inputs, argument checks, update_hessian and
+metrics."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +22,7 @@ def _sophia(state):
 def test_estimator_runs_on_calls_k_2k_with_the_extra_args_of_that_call():
     b2, k = 0.9, 10
 
-    def hessian_fn(params, key, step, **_):  # `unrelated` is meant for another member of the chain
+    def hessian_fn(params, key, step):  # `unrelated` is meant for another member of the chain: not passed
         return jax.tree.map(lambda p: jnp.full_like(p, step), params)
 
     opt = optax.chain(optax.clip_by_global_norm(1.0),
@@ -299,3 +302,145 @@ def test_hessian_fn_without_params_is_a_clear_error():
     state = opt.init({"w": jnp.ones(2)})
     with pytest.raises(ValueError, match="needs params"):
         opt.update({"w": jnp.ones(2)}, state)
+
+
+def _logits(params, inputs):
+    return jnp.tanh(inputs @ params["w1"]) @ params["w2"]
+
+
+def test_composes_with_reduce_on_plateau_and_its_value_argument():
+    """optax's rule: a member of a chain ignores the extra arguments meant for others. The GNB estimator's
+    logits_fn names `inputs`; `value` is reduce_on_plateau's. The h folded in is the estimator's own."""
+    rng = np.random.default_rng(4)
+    params = {"w1": jnp.asarray(rng.standard_normal((5, 6)), jnp.float32) * 0.5,
+              "w2": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32) * 0.5}
+    inputs = jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)
+    gnb = sophia_jax.gauss_newton_bartlett(_logits)
+    opt = optax.chain(sophia_jax.sophia_g(1e-2, update_interval=1, seed=3, hessian_fn=gnb),
+                      optax.contrib.reduce_on_plateau(patience=1, factor=0.5))
+    state = opt.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    with jax.numpy_dtype_promotion("standard"):  # reduce_on_plateau mixes int32 and float32 (optax's code)
+        updates, state = jax.jit(opt.update)(grads, state, params, inputs=inputs, value=jnp.asarray(2.0))
+    _, subkey = jax.random.split(jax.random.PRNGKey(3))
+    want = gnb(params, subkey, inputs=inputs)
+    for name in params:
+        np.testing.assert_allclose(_sophia(state).h[name], 0.01 * want[name], rtol=1e-4)
+    assert float(state[1].best_value) == 2.0  # reduce_on_plateau saw its value
+
+
+def test_a_mask_passed_under_the_wrong_name_is_refused_through_update():
+    def logits_fn(params, inputs, mask=None):
+        logits = _logits(params, inputs)
+        return logits if mask is None else (logits, mask)
+
+    params = {"w1": jnp.ones((5, 6)), "w2": jnp.ones((6, 4))}
+    opt = sophia_jax.sophia_g(1e-2, update_interval=10, hessian_fn=sophia_jax.gauss_newton_bartlett(logits_fn))
+    state = opt.init(params)
+    with pytest.raises(TypeError, match=r"logits_fn names 'mask'.*supplied: inputs, loss_mask"):
+        opt.update(params, state, params, inputs=jnp.ones((8, 5)), loss_mask=jnp.ones(8))  # on call 1 of 10
+    plain = sophia_jax.scale_by_sophia(hessian_fn=lambda p, key, batch: p)
+    with pytest.raises(TypeError, match=r"hessian_fn names 'batch'.*supplied: value"):
+        plain.update(params, plain.init(params), params, value=1.0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: sophia_jax.sophia_g(1e-3),
+    lambda: sophia_jax.sophia_h(1e-3, hessian_fn=sophia_jax.hutchinson(lambda p: sum(jnp.sum(x**2) for x in
+                                                                                      jax.tree.leaves(p)))),
+    lambda: optax.chain(optax.clip_by_global_norm(1.0), sophia_jax.sophia_g(
+        1e-3, hessian_fn=sophia_jax.gauss_newton_bartlett(_logits), mu_dtype=jnp.float32)),
+])
+def test_map_params_casts_the_state_like_params(make):
+    """optax.tree.map_params (to cast or shard a state like the params) reaches m and h, and only them."""
+    opt = make()
+    params = {"w1": jnp.ones((5, 6)), "w2": jnp.ones((6, 4))}
+    state = opt.init(params)
+    _, state = opt.update(params, state, params, inputs=jnp.ones((8, 5)))
+    cast = optax.tree.map_params(opt, lambda p: p.astype(jnp.bfloat16), state)
+    sophia, before = _sophia(cast), _sophia(state)
+    for tree in (sophia.mu, sophia.h):
+        assert {a.dtype for a in jax.tree.leaves(tree)} == {jnp.dtype(jnp.bfloat16)}
+    for field in set(sophia._fields) - {"mu", "h"}:
+        a, b = getattr(sophia, field), getattr(before, field)
+        assert jax.tree.map(lambda x: x.dtype, a) == jax.tree.map(lambda x: x.dtype, b), field
+    # The same rule as optax.adamw's: every leaf shaped like params is cast.
+    adam = optax.adamw(1e-3)
+    cast_adam = optax.tree.map_params(adam, lambda p: p.astype(jnp.bfloat16), adam.init(params))
+    assert cast_adam[0].mu["w1"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"update_interval": 0}, "update_interval=0; use an integer k >= 1"),
+    ({"update_interval": -3}, "update_interval=-3; use an integer k >= 1"),
+    ({"update_interval": 2.5}, "update_interval=2.5; use an integer k >= 1"),
+    ({"rho": 0.0}, "rho=0.0; use a positive rho"),
+    ({"rho": -0.1}, "rho=-0.1; use a positive rho"),
+    ({"b1": 1.0}, "b1=1.0; use an EMA rate in [0, 1)"),
+    ({"b2": -0.01}, "b2=-0.01; use an EMA rate in [0, 1)"),
+    ({"b2": 1.5}, "b2=1.5; use an EMA rate in [0, 1)"),
+    ({"eps": -1e-12}, "eps=-1e-12; use eps >= 0"),
+    ({"clip_threshold": 0.0}, "clip_threshold=0.0; use a positive threshold, or None"),
+    ({"hessian_fn": "gnb"}, "hessian_fn must be a callable or None"),
+])
+def test_bad_hyperparameters_are_refused_with_the_argument_named(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=re.escape(f"scale_by_sophia: {message}")):
+        sophia_jax.scale_by_sophia(**kwargs)
+    if "hessian_fn" not in kwargs:
+        with pytest.raises(ValueError, match=re.escape(f"sophia_g: {message}")):
+            sophia_jax.sophia_g(1e-3, **kwargs)
+        with pytest.raises(ValueError, match=re.escape(f"sophia_g: {message}")):
+            sophia_jax.sophia_h(1e-3, **kwargs)
+    with pytest.raises(ValueError, match=re.escape("sophia_g: weight_decay=-0.1; use a weight decay >= 0")):
+        sophia_jax.sophia_g(1e-3, weight_decay=-0.1)
+    with pytest.raises(ValueError, match=re.escape("sophia_g: learning_rate=-0.001; use a learning rate >= 0")):
+        sophia_jax.sophia_g(-1e-3)
+
+
+def test_hyperparameters_that_are_arrays_or_tracers_are_not_checked():
+    """Under inject_hyperparams the hyperparameters (update_interval included) are arrays, and inside jit
+    tracers: not compared in Python."""
+    opt = optax.inject_hyperparams(sophia_jax.sophia_g)(learning_rate=0.1, rho=0.05, update_interval=2, b2=0.9)
+    params = {"w": jnp.ones(3)}
+    state = opt.init(params)
+    assert isinstance(state.hyperparams["update_interval"], jax.Array)
+    _, state = jax.jit(opt.update)({"w": jnp.ones(3)}, state, params)
+    assert int(_sophia(state).count) == 1
+    jax.jit(lambda rho: sophia_jax.scale_by_sophia(rho=rho).init(params))(jnp.asarray(0.1))
+
+
+def test_win_rate_after_update_hessian_is_still_the_clipping_that_update_applied():
+    """The separate Hessian step (update_hessian after the update, the official order): metrics report the
+    clipping the update applied, with the h it used; the next update reports its own."""
+    params = {"w": jnp.ones(4), "b": jnp.ones(2)}
+    opt = sophia_jax.sophia_g(1e-3, rho=0.05)
+    state = sophia_jax.update_hessian(opt.init(params), {"w": jnp.full(4, 100.0), "b": jnp.full(2, 100.0)})
+    grads = {"w": jnp.array([0.1, 0.1, 10.0, 10.0]), "b": jnp.array([0.1, 10.0])}
+    _, state = opt.update(grads, state, params)  # h = 1: |m| = 0.0035 unclipped, 0.35 clipped (rho h = 0.05)
+    assert float(sophia_jax.metrics(state)["win_rate"]) == pytest.approx(0.5)
+    state = sophia_jax.update_hessian(state, {"w": jnp.full(4, 1e6), "b": jnp.full(2, 1e6)})  # would clip none
+    state = sophia_jax.update_hessian(state, {"w": jnp.full(4, 1e6), "b": jnp.full(2, 1e6)})
+    assert float(sophia_jax.metrics(state)["win_rate"]) == pytest.approx(0.5)
+    _, state = opt.update(grads, state, params)
+    assert float(sophia_jax.metrics(state)["win_rate"]) == 1.0
+
+
+def test_the_estimators_statistics_of_the_latest_refresh_are_in_the_metrics():
+    """An estimator with with_stats given as hessian_fn (the trainer's hessian_mode 'cond'): its sampled-label
+    gradient norm and clip flag of the latest refresh, as the estimator computes them on that call's key."""
+    rng = np.random.default_rng(5)
+    params = {"w1": jnp.asarray(rng.standard_normal((5, 6)), jnp.float32),
+              "w2": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)}
+    inputs = jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)
+    gnb = sophia_jax.gauss_newton_bartlett(_logits, max_grad_norm=1e-3)
+    opt = sophia_jax.sophia_g(1e-2, update_interval=2, seed=7, hessian_fn=gnb)
+    state = opt.init(params)
+    assert float(sophia_jax.metrics(state)["estimator/grad_norm"]) == 0.0
+    for _ in range(2):
+        _, state = opt.update(jax.tree.map(jnp.ones_like, params), state, params, inputs=inputs)
+    _, subkey = jax.random.split(jax.random.PRNGKey(7))
+    _, stats = gnb.with_stats(params, subkey, inputs=inputs)
+    got = sophia_jax.metrics(state)
+    assert float(got["estimator/grad_norm"]) == pytest.approx(float(stats["grad_norm"]), rel=1e-6)
+    assert float(got["estimator/grad_norm"]) > 1e-3 and float(got["estimator/clipped"]) == 1.0
+    assert float(got["estimator/positions"]) == 8

@@ -36,11 +36,13 @@ def _problem(dtype):
     return params, steps
 
 
-def _official_numpy(params, steps, *, clip_norm, hessian_at):
-    """The official loop: step() every iteration; update_hessian() after it when i % K == K - 1."""
+def _official_numpy(params, steps, *, clip_norm, hessian_at, bias_correction=False):
+    """The official loop: step() every iteration; update_hessian() after it when i % K == K - 1. With
+    bias_correction (not the official rule) step() divides by rho * bs * hess / (1 - B2**n) after n refreshes."""
     p = {n: v.copy() for n, v in params.items()}
     m = {n: np.zeros_like(v) for n, v in p.items()}
     hess = {n: np.zeros_like(v) for n, v in p.items()}
+    refreshes = 0
     for i, s in enumerate(steps):
         p_before = {n: v.copy() for n, v in p.items()}
         g = {n: s[n]["A"] * p[n] + s[n]["c"] for n in p}
@@ -50,24 +52,26 @@ def _official_numpy(params, steps, *, clip_norm, hessian_at):
         for n in p:
             p[n] = p[n] * (1 - LR * WD)
             m[n] = B1 * m[n] + (1 - B1) * g[n]
-            ratio = np.minimum(np.abs(m[n]) / (RHO * TOKENS * hess[n] + 1e-15), 1)
+            corrected = hess[n] / (1 - B2**refreshes) if bias_correction and refreshes else hess[n]
+            ratio = np.minimum(np.abs(m[n]) / (RHO * TOKENS * corrected + 1e-15), 1)
             p[n] = p[n] - LR * np.sign(m[n]) * ratio
         if i % K == K - 1:
             at = p if hessian_at == "after_step" else p_before
             for n in p:
                 g_s = s[n]["B"] * at[n] + s[n]["d"]
                 hess[n] = B2 * hess[n] + (1 - B2) * g_s * g_s
+            refreshes += 1
     return p, m, hess
 
 
-def _sophia_jax(params, steps, *, clip_norm, hessian_at):
-    def hessian_fn(params, key, B, d, **_):  # `unused_extra_arg` is not the estimator's
+def _sophia_jax(params, steps, *, clip_norm, hessian_at, bias_correction=False):
+    def hessian_fn(params, key, B, d):  # `unused_extra_arg` is not the estimator's: not passed to it
         del key  # deterministic estimate for parity: TOKENS * g_s**2
         return {n: TOKENS * (B[n] * params[n] + d[n]) ** 2 for n in params}
 
     opt = sophia_jax.sophia_g(
         LR, b1=B1, b2=B2, rho=RHO, weight_decay=WD, eps=1e-15, update_interval=K,
-        hessian_fn=hessian_fn if hessian_at == "before_step" else None,
+        hessian_fn=hessian_fn if hessian_at == "before_step" else None, h_bias_correction=bias_correction,
     )
     if clip_norm is not None:
         opt = optax.chain(optax.clip_by_global_norm(clip_norm), opt)
@@ -134,3 +138,20 @@ def test_first_k_steps_are_sign_momentum():
     updates, _ = opt.update(g, state, params)
     m = g["w"] * (1 - 0.965**4)
     np.testing.assert_allclose(updates["w"], -0.1 * np.clip(m / (0.04 * 0.01 + 1e-12), -1, 1), rtol=1e-5)
+
+
+@pytest.mark.parametrize("hessian_at", ["after_step", "before_step"])
+def test_bias_corrected_h_matches_its_numpy_statement(hessian_at):
+    """h_bias_correction (not the official rule): the same loop with h / (1 - b2**n) in the denominator,
+    n = refreshes so far; h itself is stored uncorrected. float64, with the gradient clip."""
+    with jax.enable_x64(True):
+        params, steps = _problem(np.float64)
+        want_p, want_m, want_h = _official_numpy(params, steps, clip_norm=1.0, hessian_at=hessian_at,
+                                                 bias_correction=True)
+        plain_p, _, _ = _official_numpy(params, steps, clip_norm=1.0, hessian_at=hessian_at)
+        got_p, state = _sophia_jax(params, steps, clip_norm=1.0, hessian_at=hessian_at, bias_correction=True)
+        for n in want_p:
+            np.testing.assert_allclose(got_p[n], want_p[n], rtol=0, atol=1e-12)
+            np.testing.assert_allclose(state.mu[n], want_m[n], rtol=0, atol=1e-12)
+            np.testing.assert_allclose(state.h[n], TOKENS * want_h[n], rtol=1e-10)
+        assert max(np.abs(want_p[n] - plain_p[n]).max() for n in want_p) > 1e-3  # the correction mattered

@@ -18,7 +18,7 @@ from trainer.checkpoint import CheckpointConfig, Checkpointer
 from trainer.config import TrainConfig, TrainerConfig, load_config
 from trainer.data.config import DataConfig
 from trainer.data.corpus import EmbeddedCorpus
-from trainer.model import ModelConfig, loss_fn
+from trainer.models import ModelConfig, loss_fn
 from trainer.optim import OPTIMIZERS, SophiaGConfig
 from trainer.sharding import MeshConfig, make_mesh
 from trainer.steps import Batch, Trainer

@@ -140,7 +140,7 @@ def check_fit(argv: Sequence[str], topology: str, *, hbm_gib: float = V3_HBM_GIB
     """
     from trainer.config import load_config
     from trainer.fit import fit_microbatches
-    from trainer.model import num_params
+    from trainer.models import num_params
     from trainer.sharding import MESH_AXES
     from trainer.steps import Trainer
 

@@ -75,16 +75,22 @@ def naive_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     return jnp.einsum("bnqk,bknd->bqnd", weights, v)
 
 
+def _scores_f32(q: jax.Array, k: jax.Array) -> jax.Array:
+    return jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
+
+
 @jax.custom_vjp
 def _dot_scores(q: jax.Array, k: jax.Array) -> jax.Array:
     """q . k per head, [batch, heads, position, key_position], accumulated and returned in float32 (a
     bf16 result would round the scores to 8 significant bits). Its backward casts the float32 cotangent
     to q's dtype first: autodiff would pair it with the bf16 operands, i.e. run float32 matmuls."""
-    return jnp.einsum("bqnd,bknd->bnqk", q, k, preferred_element_type=jnp.float32)
+    return _scores_f32(q, k)
 
 
 def _dot_scores_fwd(q, k):
-    return _dot_scores(q, k), (q, k)
+    # Plain JAX, not _dot_scores itself: forward-over-reverse (Hessian-vector products, jax.hessian)
+    # differentiates this rule in forward mode, which a custom_vjp function refuses.
+    return _scores_f32(q, k), (q, k)
 
 
 def _dot_scores_bwd(residuals, d_scores):

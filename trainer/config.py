@@ -26,7 +26,7 @@ import yaml
 
 from trainer.checkpoint import CheckpointConfig
 from trainer.data.config import DataConfig
-from trainer.model import ModelConfig
+from trainer.models import ModelConfig
 from trainer.optim import OPTIMIZERS, OptimizerConfig, SophiaGConfig
 from trainer.sharding import MeshConfig
 
@@ -101,7 +101,7 @@ class TrainConfig:
     """Everything a run needs; `config.yaml` in the run directory is this, resolved."""
 
     model: ModelConfig = ModelConfig()
-    """GPT-NeoX shape and numerics (trainer/model.py)."""
+    """The model: its architecture (`arch`: neox, gpt2), shape and numerics (trainer/models/)."""
     optimizer: OptimizerConfig = SophiaGConfig()
     """Optimizer and schedule (trainer/optim.py); `type` picks sophia_g, adamw or lion."""
     trainer: TrainerConfig = TrainerConfig()

@@ -102,6 +102,9 @@ class SophiaGConfig(OptimizerConfig):
     hessian_clip: bool = True
     """Clip the sampled-label gradient to max_grad_norm before squaring it, as the official recipe does;
     false squares it unclipped (see optim/hessian_grad_norm and optim/hessian_grad_clipped)."""
+    h_bias_correction: bool = False
+    """Divide h by 1 - b2**n (n = estimates folded in) in the denominator, Adam's correction of an EMA that
+    starts at zero; false is the official rule (benchmarks/RESULTS.md measures both)."""
 
     name: ClassVar[str] = "sophia_g"
 
@@ -123,7 +126,7 @@ class SophiaGConfig(OptimizerConfig):
         return sophia_jax.sophia_g(
             schedule, b1=self.b1, b2=self.b2, rho=self.rho, weight_decay=self.weight_decay, eps=self.eps,
             clip_threshold=1.0, update_interval=self.update_interval, hessian_fn=hessian_fn,
-            weight_decay_mask=mask, seed=seed)
+            weight_decay_mask=mask, seed=seed, h_bias_correction=self.h_bias_correction)
 
 
 @dataclasses.dataclass(frozen=True)

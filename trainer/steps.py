@@ -7,6 +7,10 @@ update. For Sophia-G the Hessian estimate is refreshed on steps k, 2k, ... from 
 in its own compiled `hessian_step` run after the train step, which is the official loop's order
 (hessian_mode 'separate'); or inside the train step under lax.cond (hessian_mode 'cond').
 
+Sophia's diagnostics (`sophia_jax.metrics`: win rates, norms of h and m) read every m and h, so they are
+not in the train step: `Trainer.step` computes them in their own compiled function on the steps the loop
+logs (`log_due`), after the step's Hessian refresh; every step reports the refresh counters.
+
 A step whose loss or gradient is not finite is taken but its update is dropped: params and the
 optimizer's moments keep their values, while every counter (the step, the schedule's count, Sophia's
 count and so its k-cadence) advances, and a due Hessian refresh still happens (it does not read the
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import haliax as hax
 import jax
@@ -32,10 +36,10 @@ from trainer import sharding
 from trainer.attention import resolve_implementation
 from trainer.config import TrainConfig
 from trainer.data.loader import batch_shards
-from trainer.model import Model, init_model, logits_fn, token_losses
+from trainer.models import Model, ModelConfig, head_logits, init_model, token_losses
 from trainer.optim import SophiaGConfig, build_optimizer, lr_schedule
 
-__all__ = ["Batch", "TrainState", "Trainer", "hessian_rows", "param_groups"]
+__all__ = ["Batch", "TrainState", "Trainer", "estimator_logits", "hessian_rows", "param_groups"]
 
 
 class TrainState(NamedTuple):
@@ -83,20 +87,49 @@ def hessian_rows(config: TrainConfig, data_parallel: int = 1) -> int:
     return -(-rows // unit) * unit
 
 
+def estimator_logits(config: ModelConfig) -> Callable[[Model, jax.Array], sophia_jax.ChunkedLogits]:
+    """`logits_fn(model, tokens)` for `sophia_jax.gauss_newton_bartlett`: the model's final hidden states and
+    its output head as a `sophia_jax.ChunkedLogits`, so the estimator builds the float32 logits
+    `model.loss_chunk` positions at a time (0: the whole sequence), as the train loss does. Uses
+    `model.hidden` and `trainer.models.head_logits` (padded vocabulary columns at -1e9: never sampled), so it
+    serves every architecture."""
+
+    def logits_fn(model: Model, tokens: jax.Array) -> sophia_jax.ChunkedLogits:
+        Batch, Pos = hax.Axis("batch", tokens.shape[0]), hax.Axis("position", tokens.shape[1] - 1)
+        x, head = model.hidden(hax.named(tokens[:, :-1], (Batch, Pos)))
+        x = x.rearrange((Batch, Pos, "embed"))
+
+        def project(hidden: jax.Array) -> jax.Array:  # [batch, chunk, embed] -> float32 [batch, chunk, vocab]
+            chunk = hax.named(hidden, (Batch, Pos.resize(hidden.shape[1]), x.axes[2]))
+            return head_logits(head, chunk, config.vocab_size).rearrange((Batch, chunk.axes[1], "vocab")).array
+
+        return sophia_jax.ChunkedLogits(x.array, project, chunk=config.loss_chunk)
+
+    return logits_fn
+
+
+def _is_sophia(node: Any) -> bool:
+    return isinstance(node, sophia_jax.SophiaState)
+
+
+# sophia_jax.metrics' estimator statistics -> the names the run logs (as the separate Hessian step's).
+_ESTIMATOR_METRICS = {"estimator/grad_norm": "hessian_grad_norm", "estimator/clipped": "hessian_grad_clipped"}
+
+
 def _drop_update(finite: jax.Array, new: Any, old: Any) -> Any:
     """The optimizer state after a step whose update is dropped (see the module docstring): floating
-    leaves (the moments) keep their old values, counters take the new ones; Sophia's h keeps its refresh."""
+    leaves (the moments) keep their old values, counters take the new ones; Sophia's h keeps its refresh
+    (and the scalars it records with it)."""
 
     def select(n: jax.Array, o: jax.Array) -> jax.Array:
         return jnp.where(finite, n, o) if jnp.issubdtype(n.dtype, jnp.floating) else n
 
     def keep(n: Any, o: Any) -> Any:
-        if isinstance(n, sophia_jax.SophiaState):
-            return n._replace(mu=jax.tree.map(select, n.mu, o.mu),
-                              win_rates=jax.tree.map(select, n.win_rates, o.win_rates))
+        if _is_sophia(n):
+            return n._replace(mu=jax.tree.map(select, n.mu, o.mu))
         return jax.tree.map(select, n, o)
 
-    return jax.tree.map(keep, new, old, is_leaf=lambda x: isinstance(x, sophia_jax.SophiaState))
+    return jax.tree.map(keep, new, old, is_leaf=_is_sophia)
 
 
 class Trainer:
@@ -127,7 +160,7 @@ class Trainer:
         self.estimator = None
         if self.sophia:
             self.estimator = sophia_jax.gauss_newton_bartlett(
-                logits_fn, max_grad_norm=opt.max_grad_norm if opt.hessian_clip else None,
+                estimator_logits(config.model), max_grad_norm=opt.max_grad_norm if opt.hessian_clip else None,
                 microbatches=opt.hessian_microbatches,
                 constrain_grads=lambda g: hax.shard(g, sharding.param_mapping()))  # an FSDP-sharded accumulator
         abstract_params = jax.eval_shape(lambda k: init_model(config.model, key=k), jax.random.PRNGKey(0))
@@ -148,6 +181,8 @@ class Trainer:
                                     out_shardings=(self.state_shardings, replicated), donate_argnums=0)
         self._eval_jit = jax.jit(self._eval_step, out_shardings=replicated,
                                  in_shardings=(self.state_shardings.params, self.batch_sharding, self._row_sharding))
+        self._metrics_jit = jax.jit(self._sophia_metrics, in_shardings=(self.state_shardings.opt_state,),
+                                    out_shardings=replicated)
         self._idle_hessian_tokens = None  # cond mode: a placeholder batch for steps that do not refresh h
 
     def _check_batches(self, dp: int) -> None:
@@ -157,14 +192,6 @@ class Trainer:
             raise ValueError(f"a microbatch of {micro} sequences (trainer.global_batch={tc.global_batch} / "
                              f"trainer.microbatches={tc.microbatches}) is not divisible by the {dp} data-parallel "
                              f"devices (mesh data*fsdp); use a global_batch that is a multiple of {dp * tc.microbatches}")
-        if not self.sophia:
-            return
-        hm = self.config.optimizer.hessian_microbatches
-        if self.hessian_batch % (dp * hm):
-            raise ValueError(f"the Hessian batch of {self.hessian_batch} sequences (optimizer.hessian_batch_fraction="
-                             f"{self.config.optimizer.hessian_batch_fraction} of {tc.global_batch}) is not divisible "
-                             f"by the {dp} data-parallel devices x optimizer.hessian_microbatches={hm}; change the "
-                             "fraction, the batch or the microbatch count")
 
     @property
     def eval_batch_size(self) -> int:
@@ -223,12 +250,24 @@ class Trainer:
             "optim/skipped_steps": skipped,
         }
         if self.sophia:
-            metrics.update(self._sophia_metrics(new_state.opt_state))
+            metrics.update(self._hessian_counters(new_state.opt_state))
         return new_state, metrics
 
+    @staticmethod
+    def _hessian_counters(opt_state: optax.OptState) -> dict[str, jax.Array]:
+        """Sophia's refresh counters: scalars of the state, free to report on every step."""
+        sophia = next(x for x in jax.tree.leaves(opt_state, is_leaf=_is_sophia) if _is_sophia(x))
+        return {"optim/hessian_updates": sophia.hessian_updates, "optim/hessian_skips": sophia.hessian_skips}
+
     def _sophia_metrics(self, opt_state: optax.OptState) -> dict[str, jax.Array]:
-        m = sophia_jax.metrics(opt_state, groups=self.groups)
-        return {f"optim/{name}": value for name, value in m.items() if name not in ("count", "momentum_norm")}
+        """`sophia_jax.metrics` as the run logs them (on logged steps only: they read every m and h)."""
+        out = {}
+        for name, value in sophia_jax.metrics(opt_state, groups=self.groups).items():
+            if name in _ESTIMATOR_METRICS:  # hessian_mode 'cond': the in-update estimator's, from the state
+                out[f"optim/{_ESTIMATOR_METRICS[name]}"] = value
+            elif name not in ("count", "momentum_norm") and not name.startswith("estimator/"):
+                out[f"optim/{name}"] = value
+        return out
 
     def _hessian_step(self, state: TrainState, tokens: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
         """Folds one GNB estimate on `tokens` (labels sampled from the model) into Sophia's h; reports the
@@ -237,7 +276,7 @@ class Trainer:
         h_hat, stats = self.estimator.with_stats(state.params, key, tokens=tokens)
         h_hat = hax.shard(h_hat, sharding.param_mapping())
         state = state._replace(opt_state=sophia_jax.update_hessian(state.opt_state, h_hat))
-        return state, {**self._sophia_metrics(state.opt_state), "optim/hessian_grad_norm": stats["grad_norm"],
+        return state, {**self._hessian_counters(state.opt_state), "optim/hessian_grad_norm": stats["grad_norm"],
                        "optim/hessian_grad_clipped": stats["clipped"]}
 
     def _eval_step(self, params: Model, tokens: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -285,6 +324,12 @@ class Trainer:
         """Whether Sophia's h is refreshed on (1-based) step `step`: steps k, 2k, ..."""
         return self.sophia and step % self.k == 0
 
+    def log_due(self, step: int) -> bool:
+        """Whether the loop logs (1-based) step `step`: multiples of trainer.log_every and the last step
+        (trainer/train.py's logging hook). `step` then adds Sophia's diagnostics to the step's metrics."""
+        tc = self.config.trainer
+        return bool(tc.log_every) and (step % tc.log_every == 0 or step == tc.num_train_steps)
+
     def step(self, state: TrainState, batch: Batch, step: int) -> tuple[TrainState, dict[str, jax.Array]]:
         """Takes (1-based) step `step` from `state` (at step - 1): the train step on `batch.tokens`, and
         when `hessian_due(step)` the Hessian refresh on `batch.hessian_tokens` - inside the train step in
@@ -301,11 +346,17 @@ class Trainer:
                             jnp.zeros((self.hessian_batch, self.config.model.seq_len + 1), jnp.int32),
                             self.batch_sharding)
                     batch = batch._replace(hessian_tokens=self._idle_hessian_tokens)
-                return self._train_jit(state, batch)
-            state, metrics = self._train_jit(state, batch._replace(hessian_tokens=None))
-            if due:
-                state, hessian_metrics = self._hessian_jit(state, batch.hessian_tokens)
-                metrics = {**metrics, **hessian_metrics}
+                state, metrics = self._train_jit(state, batch)
+            else:
+                state, metrics = self._train_jit(state, batch._replace(hessian_tokens=None))
+                if due:
+                    state, hessian_metrics = self._hessian_jit(state, batch.hessian_tokens)
+                    metrics = {**metrics, **hessian_metrics}
+            if self.sophia and self.log_due(step):
+                diagnostics = self._metrics_jit(state.opt_state)
+                if not (self.cond_mode and due):  # the estimator's numbers belong to its refresh steps only
+                    diagnostics = {k: v for k, v in diagnostics.items() if "hessian_grad" not in k}
+                metrics = {**metrics, **diagnostics}
             return state, metrics
 
     def eval_loss(self, params: Model, batches: Any) -> jax.Array:

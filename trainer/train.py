@@ -43,7 +43,7 @@ from trainer.data.config import open_dataset
 from trainer.data.loader import BatchLoader, EvalBatches, batch_shards
 from trainer.fit import fit_microbatches
 from trainer.metrics import MetricsWriter, peak_flops
-from trainer.model import flops_per_token, num_params
+from trainer.models import flops_per_token, num_params
 from trainer.models import hf
 from trainer.steps import Batch, Trainer, TrainState
 
