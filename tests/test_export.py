@@ -29,6 +29,7 @@ from runs import assert_same_final_state
 from test_hf import hf_logits, hf_random_checkpoint, our_logits
 from trainer import export
 from trainer.config import load_config
+from trainer.data.corpus import EmbeddedCorpus, build_embedded
 from trainer.data.loader import TokenDataset
 from trainer.train import main, run_loop, setup
 
@@ -54,7 +55,11 @@ def eval_loss(run_dir: Path, step: int) -> float:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("corpus")
+    """The embedded corpus `argv` names, built before any test runs on it (a test that runs first on its
+    worker would otherwise see the build's progress line on stderr)."""
+    parent = tmp_path_factory.mktemp("corpus")
+    build_embedded(EmbeddedCorpus(vocab_size=384, max_bytes=300_000), parent)
+    return parent
 
 
 @pytest.fixture(scope="module")
