@@ -16,6 +16,9 @@ import pytest
 
 from gcs import FakeGCS, binary
 from runs import assert_same_final_state
+from test_lease import (check_a_holder_paused_past_the_timeout_finds_its_lease_lost,
+                        check_a_lease_from_another_machine_is_taken_after_the_timeout,
+                        check_live_holder_is_named_and_a_killed_one_taken_over_at_once, holders)  # noqa: F401
 from trainer.checkpoint import trim_metrics
 from trainer.data.corpus import EmbeddedCorpus, build_embedded
 from trainer.metrics import MetricsWriter
@@ -181,3 +184,20 @@ def test_metrics_on_gs_are_rewritten_whole_and_trimmed_and_wandb_stays_local(tmp
     assert steps() == [1, 2, 3]
     assert [r["step"] for r in load_metrics(run_dir)] == [1, 2, 3]  # sophia-plot reads gs:// too
     assert no_gs_directory(tmp_path)
+
+
+# ------------------------------------------------------------- the run directory's lease on gs://
+# The checks of tests/test_lease.py with the lease an object: created with ifGenerationMatch=0 and replaced
+# with ifGenerationMatch=<generation> (fake-gcs-server enforces both, as GCS does).
+def test_lease_on_gs_live_holder_named_killed_one_taken_over(server, holders):
+    check_live_holder_is_named_and_a_killed_one_taken_over_at_once("gs://bucket/leases/a", holders)
+
+
+def test_lease_on_gs_from_another_machine_taken_after_the_timeout(server, caplog):
+    fs = fsspec.filesystem("gs", use_listings_cache=False)
+    check_a_lease_from_another_machine_is_taken_after_the_timeout(
+        "gs://bucket/leases/b", lambda text: fs.pipe("bucket/leases/b/lease.json", text.encode()), caplog)
+
+
+def test_lease_on_gs_paused_holder_finds_it_lost(server, holders):
+    check_a_holder_paused_past_the_timeout_finds_its_lease_lost("gs://bucket/leases/c", holders)
