@@ -248,3 +248,34 @@ def test_a_restart_that_finds_no_checkpoint_starts_metrics_afresh(tmp_path, corp
     assert result.returncode == 0, result.stderr[-3000:]
     assert_identical(run_dir, straight)
     assert "a fresh start: dropped the" in result.stderr
+
+
+def test_wandb_is_rewound_to_the_step_a_run_resumes_from(tmp_path):
+    """Resumed from its checkpoint at step 5 after logging 8 steps, a run logs 6..10 again. wandb ignores steps
+    below its current one, so without a rewind its charts would keep the abandoned 6..8 while metrics.jsonl
+    holds the new ones; a restart that found no checkpoint rewinds to 0. What a wandb server holds after
+    syncing the offline files must equal metrics.jsonl."""
+    from trainer.checkpoint import trim_metrics
+    from wandb_files import served_history
+
+    def session(start: int, stop: int, offset: float) -> None:
+        writer = MetricsWriter(tmp_path, config={}, total_steps=10, start_step=start, wandb_mode="offline",
+                               progress=False)
+        for step in range(start + 1, stop + 1):
+            writer.log(step, {"train/loss": offset + step})
+        writer.close()
+
+    session(0, 8, 0.0)
+    trim_metrics(tmp_path / "metrics.jsonl", 5)  # what resume() does for the checkpoint at step 5
+    session(5, 10, 100.0)
+    logged = {json.loads(line)["step"]: json.loads(line)["train/loss"]
+              for line in (tmp_path / "metrics.jsonl").read_text().splitlines()}
+    assert logged == {**{s: float(s) for s in range(1, 6)}, **{s: 100.0 + s for s in range(6, 11)}}
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2
+    assert served_history(files, "train/loss") == logged
+
+    trim_metrics(tmp_path / "metrics.jsonl", 0)  # a restart that found no checkpoint
+    session(0, 3, 200.0)
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert served_history(files, "train/loss") == {s: 200.0 + s for s in range(1, 4)}
