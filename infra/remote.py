@@ -5,8 +5,9 @@ Layout on every worker (hosts of a pod share no filesystem; each gets the same f
     ~/sophia-jax/src/<commit>/        an unpacked `git archive` of the commit, `.sophia-installed` once done
     ~/sophia-jax/venv/                the venv it is installed into (`pip install -e ".[tpu]"`)
     ~/sophia-jax/current              -> the installed src/<commit>
-    ~/sophia-runs/<run id>/           config.yaml, job.sh, worker.log, pid, worker, and when the job ends
-                                      exit_status (plus `signal` if a SIGTERM stopped it: a preemption notice)
+    ~/sophia-runs/<run id>/           config.yaml, job.sh, worker.log, pid, worker, run_dir, and when the job
+                                      ends exit_status (plus `signal` if a SIGTERM stopped it: a preemption
+                                      notice)
     ~/sophia-runs/current             -> the run launched last
 
 Every script's first line names it (`# sophia-tpu status`): the test double of gcloud answers by it.
@@ -139,6 +140,7 @@ mkdir -p "$run"
 mv -f "$HOME/sophia-run-{run_id}.yaml" "$run/config.yaml"
 rm -f "$run/exit_status" "$run/signal" "$run/pid"
 echo {worker} > "$run/worker"
+echo {shlex.quote(run_dir)} > "$run/run_dir"
 cat > "$run/job.sh" <<'SOPHIA_JOB'
 {_job_script(run_id, worker, run_dir, overrides, distributed)}SOPHIA_JOB
 ln -sfn "$run" "$HOME/sophia-runs/current"
@@ -166,13 +168,16 @@ def env_payload(env_names: Sequence[str], environ: Mapping[str, str]) -> str:
 
 
 def status_script() -> str:
-    """Prints one `sophia-job host=H worker=W run=ID state=S code=C` line for the run launched last, where
-    S is none (nothing launched), running, exited (C = exit status), terminated (stopped by SIGTERM; C =
-    its exit status) or died (gone without an exit status: the machine restarted or it was SIGKILLed)."""
+    """Prints one `sophia-job host=H worker=W run=ID state=S code=C run_dir=D` line for the run launched last,
+    where S is none (nothing launched), running, exited (C = exit status), terminated (stopped by SIGTERM;
+    C = its exit status) or died (gone without an exit status: the machine restarted or it was SIGKILLed)."""
     return f"""# sophia-tpu status
 host=$(hostname)
 run=$(readlink "$HOME/sophia-runs/current" 2>/dev/null || true)
-if [ -z "$run" ] || [ ! -d "$run" ]; then echo "sophia-job host=$host worker=- run=- state=none code=-"; exit 0; fi
+if [ -z "$run" ] || [ ! -d "$run" ]; then
+  echo "sophia-job host=$host worker=- run=- state=none code=- run_dir=-"
+  exit 0
+fi
 {_ALIVE}
 worker=$(cat "$run/worker" 2>/dev/null || echo -)
 code=-
@@ -186,17 +191,19 @@ elif [ -f "$run/pid" ]; then
 else
   state=none
 fi
-echo "sophia-job host=$host worker=$worker run=$(basename "$run") state=$state code=$code"
+run_dir=$(cat "$run/run_dir" 2>/dev/null || echo -)
+echo "sophia-job host=$host worker=$worker run=$(basename "$run") state=$state code=$code run_dir=$run_dir"
 """
 
 
-def log_script(lines: int, run_id: str | None = None) -> str:
-    """Prints the last `lines` lines of the worker log of `run_id` (default: the run launched last)."""
+def log_script(lines: int, run_id: str | None = None, *, follow: bool = False) -> str:
+    """Prints the last `lines` lines of the worker log of `run_id` (default: the run launched last); with
+    `follow`, then what is appended (the log of a relaunch too) until the ssh session ends."""
     run = "current" if run_id is None else run_id
     return f"""# sophia-tpu logs
 log="$HOME/sophia-runs/{run}/worker.log"
 [ -f "$log" ] || {{ echo "sophia-logs $(hostname): no $log (no job launched here)" >&2; exit 3; }}
-tail -n {int(lines)} "$log"
+tail -n {int(lines)} {"-F " if follow else ""}"$log"
 """
 
 
