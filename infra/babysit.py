@@ -15,7 +15,8 @@ Every `poll` seconds it reads the slice's state (infra/tpu.py `slice_state`) and
                                      stopped   -> a SIGTERM stopped it (a preemption notice; its exit status
                                                   does not matter): look once more (the slice usually
                                                   goes next), then launch again, counted as a preemption
-                                     failed    -> launch again, counted against `retries`; the count starts
+                                     failed    -> stop what is left of it on every worker and
+                                                  launch again, counted against `retries`; the count starts
                                                   over once the run saved a newer checkpoint than at the last
                                                   failure. Past `retries`: exit 1 with the worker's log tail
                                      busy      -> exit 1: another run is running on the slice
@@ -214,6 +215,7 @@ class _Babysitter:
             self._launch(node)
         elif verdict == "failed":
             self._failed(records, detail)
+            tpu.stop(self.gc, self.slice.name)  # the survivors of a lost host, hung in a collective
             self._launch(node)
         return False
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from infra import progress, remote, tpu
 from infra.babysit import Policy, babysit
-from infra.gcloud import Gcloud, GcloudError
+from infra.gcloud import Gcloud, GcloudError, log
 from infra.tpu import LaunchSpec, SliceSpec, TpuError, UsageError
 
 __all__ = ["main", "status"]
@@ -257,8 +257,10 @@ def _launch(gc: Gcloud, args: argparse.Namespace, spec: LaunchSpec) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     dry = " (dry run)" if args.dry_run or args.command == "plan" else ""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s sophia-tpu{dry}: %(message)s",
+    # Its own INFO lines; the libraries' (gcsfs, google-auth, ...) from WARNING up.
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s sophia-tpu{dry}: %(message)s",
                         datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr, force=True)
+    log.setLevel(logging.INFO)
     try:
         return _dispatch(args, extra)
     except UsageError as error:

@@ -21,7 +21,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 
 __all__ = ["ENV_END", "ENV_NAME", "RUN_ID", "env_payload", "launch_script", "log_script", "parse_job_lines",
-           "setup_script", "status_script"]
+           "setup_script", "status_script", "stop_script"]
 
 ENV_END = "__sophia_tpu_env_end__"  # the line that ends the environment fed on stdin
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -97,6 +97,29 @@ echo "$status" > "$run/exit_status.tmp" && mv "$run/exit_status.tmp" "$run/exit_
 """
 
 
+def _stop_jobs(who: str) -> str:
+    """Bash that stops every sophia job running on the worker: SIGTERM to its process group (sophia-train
+    saves a checkpoint and exits), SIGKILL after STOP_WAIT_S."""
+    return f"""{_ALIVE}
+for pidfile in "$HOME"/sophia-runs/*/pid; do
+  [ -f "$pidfile" ] || continue
+  pid=$(cat "$pidfile")
+  alive "$pid" || continue
+  echo "{who} $host: stopping the job running as process group $pid (SIGTERM: it saves a checkpoint)"
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  for _ in $(seq {STOP_WAIT_S}); do alive "$pid" || break; sleep 1; done
+  if alive "$pid"; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
+done
+"""
+
+
+def stop_script() -> str:
+    """Stops the sophia jobs running on a worker (see `_stop_jobs`); prints nothing when none runs."""
+    return f"""# sophia-tpu stop
+host=$(hostname)
+{_stop_jobs("sophia-stop")}"""
+
+
 def launch_script(run_id: str, worker: int, run_dir: str, overrides: Sequence[str], env_names: Sequence[str],
                   *, distributed: bool) -> str:
     """Starts the job of `run_id` detached on one worker; reads `env_names` from stdin (see `env_payload`).
@@ -125,17 +148,7 @@ while IFS= read -r line; do
   esac
 done
 [ "$line" = {ENV_END} ] || fail "stdin ended before the environment did (was ssh retried?); launch again"
-{_ALIVE}
-for pidfile in "$HOME"/sophia-runs/*/pid; do
-  [ -f "$pidfile" ] || continue
-  pid=$(cat "$pidfile")
-  alive "$pid" || continue
-  echo "sophia-launch $host: stopping the job running as process group $pid (SIGTERM: it saves a checkpoint)"
-  kill -TERM -- "-$pid" 2>/dev/null || true
-  for _ in $(seq {STOP_WAIT_S}); do alive "$pid" || break; sleep 1; done
-  if alive "$pid"; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
-done
-mkdir -p "$run"
+{_stop_jobs("sophia-launch")}mkdir -p "$run"
 [ -f "$HOME/sophia-run-{run_id}.yaml" ] || fail "~/sophia-run-{run_id}.yaml is missing; launch again (it copies it)"
 mv -f "$HOME/sophia-run-{run_id}.yaml" "$run/config.yaml"
 rm -f "$run/exit_status" "$run/signal" "$run/pid"

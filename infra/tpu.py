@@ -27,7 +27,7 @@ from trainer.aot import SLICE_TOPOLOGY
 __all__ = ["GONE", "LaunchSpec", "Node", "READY", "SliceSpec", "TpuError", "UsageError", "check_config",
            "check_fit_tools", "check_launch", "check_type", "create",
            "delete", "describe", "fit_check", "hosts", "job_states", "launch", "logs", "queued_state", "request",
-           "retryable", "setup", "slice_state", "wait_ready"]
+           "retryable", "setup", "slice_state", "stop", "wait_ready"]
 
 READY = "READY"
 ACTIVE = "ACTIVE"  # a queued resource whose node exists
@@ -353,6 +353,13 @@ def launch(gc: Gcloud, name: str, spec: LaunchSpec, *, workers: int, accelerator
     if not gc.dry_run:
         log.info("run %s started on %d worker(s); follow it with `sophia-tpu logs %s --zone %s --follow`",
                  spec.run_id, workers, name, gc.zone)
+
+
+def stop(gc: Gcloud, name: str) -> None:
+    """Stops the sophia jobs on every worker and waits until they are gone: before a relaunch after a host
+    failure, so that no new process meets a survivor's coordination service (or its collectives)."""
+    log.info("stopping what is left of the job on every worker of %s", name)
+    gc.run(gc.tpu_vm("ssh", name, "--worker=all", "--quiet", "--command", remote.stop_script()))
 
 
 def job_states(gc: Gcloud, name: str) -> list[dict[str, str]]:

@@ -222,6 +222,25 @@ class _Agreed:
         return bool(verdict[0]), bool(verdict[1])
 
 
+def _compile_together(run: Run) -> None:
+    """With several processes: each compiles the steps before the first one runs, then all meet at a
+    barrier of JAX's coordination service (no device collective), so that none enters the steps'
+    collectives while another is still compiling. Gloo (CPU) gives every new communicator 30 s for all
+    processes to join, which an unequal compile under load outlasts (seen here after a resume:
+    "Gloo context initialization failed: DEADLINE_EXCEEDED"). The jitted steps reuse these executables."""
+    if jax.process_count() == 1:
+        return
+    import orbax.checkpoint as ocp
+
+    trainer = run.trainer
+    steps = ["train"] + (["hessian"] if trainer.sophia and not trainer.cond_mode else [])
+    steps += ["eval"] if run.eval_batches is not None else []
+    for which in steps:
+        trainer.lower(which).compile()
+    ocp.multihost.sync_global_processes("sophia-jax: steps compiled", processes=set(range(jax.process_count())),
+                                        timeout=3600)
+
+
 def run_loop(run: Run) -> dict[str, Any]:
     """Trains from run.start_step to the end (or to a SIGTERM/SIGINT, after which it saves and returns).
     Returns the last logged record; `record["preempted"]` names the signal if one stopped the run.
@@ -258,6 +277,7 @@ def run_loop(run: Run) -> dict[str, Any]:
     agreed = _Agreed(checkpointer, run.lease, config.checkpoint.decide_every)
     state, lost = run.state, False
     try:
+        _compile_together(run)
         with PreemptionGuard() as guard:
             for step, batch in batches(run):
                 state, record = trainer.step(state, batch, step)
