@@ -126,6 +126,8 @@ def test_gives_up_when_the_job_fails_past_its_retries_without_progress(fake, rep
     assert code == 1
     calls = fake.calls()
     assert stages(calls).count("launch") == 2
+    # before each relaunch, what is left of the job is stopped on every worker (a survivor hung in a collective)
+    assert [s for s in stages(calls) if s in ("stop", "launch")] == ["stop", "launch", "stop", "launch"]
     assert ("run r1 failed 3 times without a newer checkpoint (--retries 2); the last failure: worker 0 (h0) exited "
             "with status 1") in err
     assert err.rstrip().endswith("step 10 loss 3.2\nValueError: boom")

@@ -518,7 +518,8 @@ def job_state(home: Path) -> dict[str, str]:
 def test_all_scripts_are_valid_bash():
     for script in [remote.setup_script("abc", "a.tar.gz", "python3.11"), remote.setup_script("abc", "a", "/opt/py"),
                    remote.launch_script("r1", 0, "gs://b/r1", ["--a.b", "it's"], ["K"], distributed=True),
-                   remote.status_script(), remote.log_script(5, "r1")]:
+                   remote.status_script(), remote.log_script(5, "r1"), remote.log_script(5, follow=True),
+                   remote.stop_script()]:
         result = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
 
@@ -599,3 +600,32 @@ def test_setup_script_skips_a_commit_that_is_installed(home):
     assert "c0ffee is already installed" in result.stdout and not (home / "a.tar.gz").exists()
     result = bash(remote.setup_script("beef", "a.tar.gz", "python3.11"), home)  # not installed, archive gone
     assert result.returncode == 3 and "a.tar.gz is missing; run sophia-tpu setup again" in result.stderr
+
+
+def test_stop_script_stops_the_running_job_and_returns_once_it_is_gone(home):
+    trainer(home, 'trap "echo saved; exit 0" TERM\necho started\nsleep 600 & wait\n')
+    assert launch_r(home, "r1").returncode == 0
+    wait_for(lambda: "started" in (home / "sophia-runs" / "r1" / "worker.log").read_text(), "r1's trap")
+    result = bash(remote.stop_script(), home)
+    assert result.returncode == 0 and "sophia-stop" in result.stdout and "stopping the job" in result.stdout
+    assert {k: job_state(home)[k] for k in ("state", "code")} == {"state": "terminated", "code": "0"}
+    assert bash(remote.stop_script(), home).stdout == ""  # nothing left to stop
+
+
+def test_the_command_line_sits_on_top_of_the_stages_and_the_babysitter():
+    """infra/cli.py imports the stages (tpu.py) and the babysitter (babysit.py); neither imports its callers."""
+    import ast
+
+    def imports(name: str) -> set[str]:
+        tree = ast.parse((ROOT / "infra" / f"{name}.py").read_text())
+        found = set()
+        for node_ in ast.walk(tree):
+            if isinstance(node_, ast.ImportFrom) and node_.module and node_.module.startswith("infra"):
+                found |= {node_.module} | {f"infra.{a.name}" for a in node_.names if node_.module == "infra"}
+            elif isinstance(node_, ast.Import):
+                found |= {a.name for a in node_.names if a.name.startswith("infra")}
+        return found
+
+    assert {"infra.tpu", "infra.babysit"} <= imports("cli")
+    assert not {"infra.cli", "infra.babysit"} & imports("tpu")
+    assert "infra.cli" not in imports("babysit")

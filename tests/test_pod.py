@@ -14,9 +14,10 @@ The slice has 2 workers of 4 CPU devices each, real JAX processes meeting at a l
 pip-installs it offline into a prepared venv (the emulator's image: a venv whose .pth adds this machine's
 installed packages, PIP_NO_INDEX=1, no build isolation). Nothing else is stubbed.
 
-Checked: babysit exits 0; the final params equal one uninterrupted process with 8 devices (the multi-process
-test's tolerance); metrics.jsonl holds every step exactly once; no checkpoint was set aside; the secret passed
-with --env appears in no file, argv or log. The timeline of faults and babysitter actions is written to
+Checked: babysit exits 0; the final state is bit for bit that of an uninterrupted run in the same layout (2
+processes x 4 devices), and within the multi-process test's tolerance of one uninterrupted process with 8
+devices (its params after 10 steps; every step's loss); metrics.jsonl holds every step exactly once; no
+checkpoint was set aside; the secret passed with --env appears in no file, argv or log. The timeline of faults and babysitter actions is written to
 timeline.txt in the test's directory (and printed with -s). Slow (minutes):
 `python -m pytest -q -m slow tests/test_pod.py -s`.
 """
@@ -33,10 +34,13 @@ from datetime import datetime
 from pathlib import Path
 
 import fsspec
+import jax
+import numpy as np
 import pytest
 import yaml
 
-from gcs import OFFLINE_ENV, FakeGCS, binary
+from gcs import FakeGCS, binary, free_port
+from test_multiprocess import finish
 from test_trainer import assert_params_close
 from tpu_cloud import Cloud, Image
 from trainer import storage
@@ -50,7 +54,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE = Path(__file__).resolve().parent / "fakes" / "tpu_cloud"
-STEPS = 45
+STEPS = 30
 RUN_DIR = "gs://bucket/runs/pod"
 SECRET = "pod-s3cr3t-value"
 CONFIG = f"""# the local pod's run: a tiny GPT-NeoX, Sophia-G with a Hessian refresh every 3 steps
@@ -58,7 +62,7 @@ model: {{hidden_dim: 32, num_layers: 2, num_heads: 4, seq_len: 32}}
 optimizer: {{type: sophia_g, update_interval: 3, warmup: 3, learning_rate: 3.0e-3, hessian_batch_fraction: 0.5}}
 trainer: {{num_train_steps: {STEPS}, log_every: 1, eval_every: 15, eval_batches: 2, global_batch: 16,
           progress: false}}
-checkpoint: {{every_steps: null, every_minutes: 0.05, decide_every: 5, keep: 2, lease_minutes: 0.25}}
+checkpoint: {{every_steps: 10, every_minutes: 0.05, decide_every: 5, keep: 2, keep_every: 10, lease_minutes: 0.25}}
 mesh: {{heartbeat_timeout_seconds: 10}}
 data: {{cache: gs://bucket/cache, prefetch: 0}}
 """
@@ -108,9 +112,9 @@ class Watcher(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.wait_for(13, 5)  # a time-based checkpoint, then the preemption
+            self.wait_for(8, 5)  # a time-based checkpoint, then the preemption
             self.cloud.preempt("t1", grace=60)
-            self.wait_for(30, 25)
+            self.wait_for(18, 15)
             self.cloud.kill_worker("t1", 1)
         except Exception as error:  # noqa: BLE001 - reported by the test
             self.error = error
@@ -168,13 +172,20 @@ def test_babysit_takes_a_run_through_every_fault_of_a_spot_pod_to_the_end(tmp_pa
     base_env.update(gcs.env(), **compile_cache_env, WANDB_MODE="disabled", PYTHONUNBUFFERED="1")
     base_env.pop("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", None)
 
-    # One uninterrupted process with 8 devices.
-    reference = tmp_path / "reference"
-    result = subprocess.run([sys.executable, "-m", "trainer.train", "--config", str(config), "--run_dir",
-                             str(reference), "--data.cache", cache],
-                            env={**base_env, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "8"}, capture_output=True,
-                            text=True, timeout=900)
+    # Uninterrupted: one process with 8 devices, and 2 processes x 4 devices (the pod's layout), local.
+    reference, straight = tmp_path / "reference", tmp_path / "straight"
+    train = [sys.executable, "-m", "trainer.train", "--config", str(config), "--data.cache", cache]
+    cpu = {**base_env, "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([*train, "--run_dir", str(reference)], env={**cpu, "JAX_NUM_CPU_DEVICES": "8"},
+                            capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    port = free_port()
+    pair = [subprocess.Popen([*train, "--run_dir", str(straight), "--mesh.coordinator_address", f"127.0.0.1:{port}",
+                              "--mesh.num_processes", "2", "--mesh.process_id", str(i)],
+                             env={**cpu, "JAX_NUM_CPU_DEVICES": "4"}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True) for i in range(2)]
+    errors = finish(pair, timeout=900)
+    assert [p.returncode for p in pair] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
 
     # The emulated cloud, its faults queued, and the babysitter.
     cloud = Cloud(tmp_path / "cloud")
@@ -225,13 +236,24 @@ def test_babysit_takes_a_run_through_every_fault_of_a_spot_pod_to_the_end(tmp_pa
     assert not [n for n in names if "unrestorable" in n]
     resolved = build_config(yaml.safe_load((reference / "config.yaml").read_text()))
     trainer = Trainer(resolved, make_mesh(MeshConfig()))
-    params = []
-    for run_dir in (RUN_DIR, str(reference)):
+
+    def state(run_dir: str, step: int):
         checkpointer = Checkpointer(f"{run_dir}/checkpoints", CheckpointConfig(async_save=False))
-        state, _ = checkpointer.restore(STEPS, trainer.abstract_state())
+        restored, _ = checkpointer.restore(step, trainer.abstract_state())
         checkpointer.close()
-        params.append(state.params)
-    assert_params_close(params[0], params[1], steps=STEPS)
+        return restored
+
+    # The faults changed nothing: the pod's final state is the uninterrupted 2 x 4 run's, bit for bit.
+    pod, two = state(RUN_DIR, STEPS), state(str(straight), STEPS)
+    for a, b in zip(jax.tree.leaves(pod), jax.tree.leaves(two)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Against one process with 8 devices (float32 sums in another order): the multi-process test's tolerance
+    # on the params after its 10 steps, and every step's loss within 1e-3. Sophia's clipped steps turn
+    # round-off into sign flips that add up (the uninterrupted 2 x 4 run departs from 1 x 8 as much), so the
+    # params after all 30 steps are compared with the 2 x 4 run above, not with 1 x 8.
+    assert_params_close(state(RUN_DIR, 10).params, state(str(reference), 10).params, steps=10)
+    ref = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose([r["train/loss"] for r in records], [r["train/loss"] for r in ref], rtol=1e-3)
 
     # The faults happened and were handled as the timeline says.
     text = "\n".join(lines)
