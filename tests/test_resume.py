@@ -279,3 +279,34 @@ def test_wandb_is_rewound_to_the_step_a_run_resumes_from(tmp_path):
     session(0, 3, 200.0)
     files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert served_history(files, "train/loss") == {s: 200.0 + s for s in range(1, 4)}
+
+
+def test_a_run_stalled_past_its_lease_stops_once_another_run_took_it_over(tmp_path, corpus, env):
+    """Paused (SIGSTOP) longer than checkpoint.lease_minutes, a run loses its run directory to the run that
+    took the lease over; continued, it stops at its next decision step without saving (exit 2, one line)
+    and leaves the new holder's lease alone."""
+    from trainer.lease import Lease
+
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(command(run_dir, corpus, "--checkpoint.lease_minutes", "0.05",
+                                       "--checkpoint.decide_every", "1", "--trainer.num_train_steps", "400"),
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: last_step(run_dir) >= 3, process)
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            taker = Lease(run_dir, 3.0)
+            taker.acquire()  # not renewed for 3 s: taken over
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 2, stderr[-3000:]
+    [line] = [x for x in stderr.splitlines() if x.startswith("sophia-train:")]
+    assert f"without saving it: run {taker.owner['run']} (host " in line and "took over the lease of" in line
+    assert last_step(run_dir) < 400
+    lease = json.loads((run_dir / "lease.json").read_text())
+    assert lease["owner"]["run"] == taker.owner["run"] and not lease["released"]
+    taker.release()

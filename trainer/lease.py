@@ -9,8 +9,9 @@ the run follows process 0's verdict (`take`).
                  "renewed": <unix time>, "released": false}
 
 The file changes only by compare-and-swap on the version last read:
-  - locally it is created with O_CREAT | O_EXCL; a renewal, takeover or release replaces it (a rename) under
-    an flock on `.lease.lock` after checking that it is still the version read;
+  - locally it is created exclusively (a hard link of a complete temporary file, which fails when the lease
+    exists, as O_EXCL does, and is never seen half-written); a renewal, takeover or release replaces it (a
+    rename) under an flock on `.lease.lock` after checking that it is still the version read;
   - on gs:// it is an object created with ifGenerationMatch=0 and replaced with ifGenerationMatch=<the
     generation read>, through google-cloud-storage (a gcsfs dependency: gcsfs itself writes no
     generation-matched replacement).
@@ -86,14 +87,17 @@ class _LocalStore:
         self._lock = os.path.join(os.path.dirname(self.path), ".lease.lock")
 
     def create(self, text: str) -> Any | None:
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return None
-        with os.fdopen(fd, "w") as f:
+        tmp = f"{self.path}.{secrets.token_hex(4)}.tmp"
+        with open(tmp, "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        try:
+            os.link(tmp, self.path)  # exclusive like O_EXCL, and never seen half-written
+        except FileExistsError:
+            return None
+        finally:
+            os.unlink(tmp)
         return text
 
     def read(self) -> tuple[str, Any, float] | None:

@@ -291,8 +291,9 @@ def run_loop(run: Run) -> dict[str, Any]:
                 by_time, lost = agreed.at(step)
                 if lost:
                     owner = getattr(run.lease, "lost", None) or "another run (see process 0's log)"
-                    raise LeaseLost(f"stopped at step {step} without saving: {owner} took over the lease of "
-                                    f"{run_dir}; this run had not renewed it for checkpoint.lease_minutes")
+                    raise LeaseLost(f"stopped at step {step} without saving it: {owner} took over the lease of "
+                                    f"{run_dir}, which this run had not renewed for checkpoint.lease_minutes "
+                                    "(stalled?); the run directory is that run's now")
                 if stop or final or by_time or checkpointer.due_by_steps(step):
                     save(step, state, record)
                 if stop:
@@ -376,7 +377,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             run.close()
             return 0
         start = time.perf_counter()
-        record = run_loop(run)
+        try:
+            record = run_loop(run)
+        except LeaseLost as error:
+            print(f"sophia-train: {error}", file=sys.stderr)
+            return 2
         logger.info("%s in %.1f s: %s", "stopped" if "preempted" in record else "done",
                     time.perf_counter() - start, _summary(record))
     return 0
