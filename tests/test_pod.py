@@ -25,6 +25,7 @@ timeline.txt in the test's directory (and printed with -s). Slow (minutes):
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -55,7 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FAKE = Path(__file__).resolve().parent / "fakes" / "tpu_cloud"
 STEPS = 30
 RUN_DIR = "gs://bucket/runs/pod"
-SECRET = "pod-s3cr3t-value"
+SECRET = "pod-" + secrets.token_hex(12)  # made here: in no file, not even this one
 CONFIG = f"""# the local pod's run: a tiny GPT-NeoX, Sophia-G with a Hessian refresh every 3 steps
 model: {{hidden_dim: 32, num_layers: 2, num_heads: 4, seq_len: 32}}
 optimizer: {{type: sophia_g, update_interval: 3, warmup: 3, learning_rate: 3.0e-3, hessian_batch_fraction: 0.5}}
