@@ -17,9 +17,9 @@ installed packages, PIP_NO_INDEX=1, no build isolation). Nothing else is stubbed
 Checked: babysit exits 0; the final state is bit for bit that of an uninterrupted run in the same layout (2
 processes x 4 devices); every step's loss is within 1e-3 of one uninterrupted process with 8 devices (its
 params depart from the 2 x 4 runs' by Sophia's round-off sign flips, printed); metrics.jsonl holds every step
-exactly once; no checkpoint was set aside; the secret passed with --env appears in no file, argv or log. The timeline of faults and babysitter actions is written to
-timeline.txt in the test's directory (and printed with -s). Slow (minutes):
-`python -m pytest -q -m slow tests/test_pod.py -s`.
+exactly once; no checkpoint was set aside; the secret passed with --env appears in no file, argv or log.
+The timeline of faults and babysitter actions is written to timeline.txt in the test's directory (and
+printed with -s). Slow (about 10 minutes on 2 shared cores): `python -m pytest -q -m slow tests/test_pod.py -s`.
 """
 
 import json
@@ -99,7 +99,8 @@ class Watcher(threading.Thread):
         except FileNotFoundError:
             lines = []
         steps = [json.loads(x)["step"] for x in lines if x.endswith("}")]
-        committed = [int(p.rsplit("/", 2)[-2]) for p in self.fs.glob("bucket/runs/pod/checkpoints/*/commit_success.txt")]
+        markers = self.fs.glob("bucket/runs/pod/checkpoints/*/commit_success.txt")
+        committed = [int(p.rsplit("/", 2)[-2]) for p in markers]
         return max(steps, default=0), max(committed, default=0)
 
     def wait_for(self, step: int, checkpoint: int) -> None:
@@ -260,7 +261,8 @@ def test_babysit_takes_a_run_through_every_fault_of_a_spot_pod_to_the_end(tmp_pa
 
     # The faults happened and were handled as the timeline says.
     text = "\n".join(lines)
-    assert text.count("FAULT       create: ") == 2 and "FAULT       ssh:setup" in text and "FAULT       describe" in text
+    assert text.count("FAULT       create: ") == 2
+    assert "FAULT       ssh:setup" in text and "FAULT       describe" in text
     assert "FAULT       preemption" in text and "FAULT       host crash" in text
     assert re.search(r"finished \(\d+ preemption\(s\), [2-9] recreation\(s\), 1 relaunch\(es\) after failures\)",
                      log_text), log_text[-3000:]
