@@ -83,18 +83,27 @@ class Gcloud:
     """gcloud for one zone (and project), or a printer of its command lines under dry_run.
 
     Args:
-      zone: every tpu-vm command's --zone.
-      project: every tpu-vm command's --project; None = gcloud's configured one.
+      zone: every command's --zone.
+      project: every command's --project; None = gcloud's configured one.
       dry_run: print each command line to stdout (shell-quoted, one per line) instead of running it.
+      ssh_flags: added to every `tpu-vm ssh` and `scp` (--internal-ip, --tunnel-through-iap).
     """
 
-    def __init__(self, zone: str, project: str | None = None, *, dry_run: bool = False):
-        self.zone, self.project, self.dry_run = zone, project, dry_run
+    def __init__(self, zone: str, project: str | None = None, *, dry_run: bool = False,
+                 ssh_flags: Sequence[str] = ()):
+        self.zone, self.project, self.dry_run, self.ssh_flags = zone, project, dry_run, tuple(ssh_flags)
+
+    def _scope(self) -> list[str]:
+        return ["--zone", self.zone] + (["--project", self.project] if self.project else [])
 
     def tpu_vm(self, verb: str, *args: str) -> list[str]:
-        """`gcloud compute tpus tpu-vm VERB ARGS --zone Z [--project P]`."""
-        scope = ["--zone", self.zone] + (["--project", self.project] if self.project else [])
-        return ["gcloud", "compute", "tpus", "tpu-vm", verb, *args, *scope]
+        """`gcloud compute tpus tpu-vm VERB ARGS [SSH FLAGS] --zone Z [--project P]`."""
+        flags = list(self.ssh_flags) if verb in ("ssh", "scp") else []
+        return ["gcloud", "compute", "tpus", "tpu-vm", verb, *args, *flags, *self._scope()]
+
+    def queued(self, verb: str, *args: str) -> list[str]:
+        """`gcloud compute tpus queued-resources VERB ARGS --zone Z [--project P]`."""
+        return ["gcloud", "compute", "tpus", "queued-resources", verb, *args, *self._scope()]
 
     def note(self, text: str) -> None:
         """A comment: a `# text` line among the printed commands under dry_run, else a log line."""

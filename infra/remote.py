@@ -5,8 +5,9 @@ Layout on every worker (hosts of a pod share no filesystem; each gets the same f
     ~/sophia-jax/src/<commit>/        an unpacked `git archive` of the commit, `.sophia-installed` once done
     ~/sophia-jax/venv/                the venv it is installed into (`pip install -e ".[tpu]"`)
     ~/sophia-jax/current              -> the installed src/<commit>
-    ~/sophia-runs/<run id>/           config.yaml, job.sh, worker.log, pid, worker, and when the job ends
-                                      exit_status (plus `signal` if a SIGTERM stopped it: a preemption notice)
+    ~/sophia-runs/<run id>/           config.yaml, job.sh, worker.log, pid, worker, run_dir, and when the job
+                                      ends exit_status (plus `signal` if a SIGTERM stopped it: a preemption
+                                      notice)
     ~/sophia-runs/current             -> the run launched last
 
 Every script's first line names it (`# sophia-tpu status`): the test double of gcloud answers by it.
@@ -20,7 +21,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 
 __all__ = ["ENV_END", "ENV_NAME", "RUN_ID", "env_payload", "launch_script", "log_script", "parse_job_lines",
-           "setup_script", "status_script"]
+           "setup_script", "status_script", "stop_script"]
 
 ENV_END = "__sophia_tpu_env_end__"  # the line that ends the environment fed on stdin
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -96,6 +97,29 @@ echo "$status" > "$run/exit_status.tmp" && mv "$run/exit_status.tmp" "$run/exit_
 """
 
 
+def _stop_jobs(who: str) -> str:
+    """Bash that stops every sophia job running on the worker: SIGTERM to its process group (sophia-train
+    saves a checkpoint and exits), SIGKILL after STOP_WAIT_S."""
+    return f"""{_ALIVE}
+for pidfile in "$HOME"/sophia-runs/*/pid; do
+  [ -f "$pidfile" ] || continue
+  pid=$(cat "$pidfile")
+  alive "$pid" || continue
+  echo "{who} $host: stopping the job running as process group $pid (SIGTERM: it saves a checkpoint)"
+  kill -TERM -- "-$pid" 2>/dev/null || true
+  for _ in $(seq {STOP_WAIT_S}); do alive "$pid" || break; sleep 1; done
+  if alive "$pid"; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
+done
+"""
+
+
+def stop_script() -> str:
+    """Stops the sophia jobs running on a worker (see `_stop_jobs`); prints nothing when none runs."""
+    return f"""# sophia-tpu stop
+host=$(hostname)
+{_stop_jobs("sophia-stop")}"""
+
+
 def launch_script(run_id: str, worker: int, run_dir: str, overrides: Sequence[str], env_names: Sequence[str],
                   *, distributed: bool) -> str:
     """Starts the job of `run_id` detached on one worker; reads `env_names` from stdin (see `env_payload`).
@@ -124,21 +148,12 @@ while IFS= read -r line; do
   esac
 done
 [ "$line" = {ENV_END} ] || fail "stdin ended before the environment did (was ssh retried?); launch again"
-{_ALIVE}
-for pidfile in "$HOME"/sophia-runs/*/pid; do
-  [ -f "$pidfile" ] || continue
-  pid=$(cat "$pidfile")
-  alive "$pid" || continue
-  echo "sophia-launch $host: stopping the job running as process group $pid (SIGTERM: it saves a checkpoint)"
-  kill -TERM -- "-$pid" 2>/dev/null || true
-  for _ in $(seq {STOP_WAIT_S}); do alive "$pid" || break; sleep 1; done
-  if alive "$pid"; then kill -KILL -- "-$pid" 2>/dev/null || true; fi
-done
-mkdir -p "$run"
+{_stop_jobs("sophia-launch")}mkdir -p "$run"
 [ -f "$HOME/sophia-run-{run_id}.yaml" ] || fail "~/sophia-run-{run_id}.yaml is missing; launch again (it copies it)"
 mv -f "$HOME/sophia-run-{run_id}.yaml" "$run/config.yaml"
 rm -f "$run/exit_status" "$run/signal" "$run/pid"
 echo {worker} > "$run/worker"
+echo {shlex.quote(run_dir)} > "$run/run_dir"
 cat > "$run/job.sh" <<'SOPHIA_JOB'
 {_job_script(run_id, worker, run_dir, overrides, distributed)}SOPHIA_JOB
 ln -sfn "$run" "$HOME/sophia-runs/current"
@@ -166,13 +181,16 @@ def env_payload(env_names: Sequence[str], environ: Mapping[str, str]) -> str:
 
 
 def status_script() -> str:
-    """Prints one `sophia-job host=H worker=W run=ID state=S code=C` line for the run launched last, where
-    S is none (nothing launched), running, exited (C = exit status), terminated (stopped by SIGTERM; C =
-    its exit status) or died (gone without an exit status: the machine restarted or it was SIGKILLed)."""
+    """Prints one `sophia-job host=H worker=W run=ID state=S code=C run_dir=D` line for the run launched last,
+    where S is none (nothing launched), running, exited (C = exit status), terminated (stopped by SIGTERM;
+    C = its exit status) or died (gone without an exit status: the machine restarted or it was SIGKILLed)."""
     return f"""# sophia-tpu status
 host=$(hostname)
 run=$(readlink "$HOME/sophia-runs/current" 2>/dev/null || true)
-if [ -z "$run" ] || [ ! -d "$run" ]; then echo "sophia-job host=$host worker=- run=- state=none code=-"; exit 0; fi
+if [ -z "$run" ] || [ ! -d "$run" ]; then
+  echo "sophia-job host=$host worker=- run=- state=none code=- run_dir=-"
+  exit 0
+fi
 {_ALIVE}
 worker=$(cat "$run/worker" 2>/dev/null || echo -)
 code=-
@@ -186,17 +204,19 @@ elif [ -f "$run/pid" ]; then
 else
   state=none
 fi
-echo "sophia-job host=$host worker=$worker run=$(basename "$run") state=$state code=$code"
+run_dir=$(cat "$run/run_dir" 2>/dev/null || echo -)
+echo "sophia-job host=$host worker=$worker run=$(basename "$run") state=$state code=$code run_dir=$run_dir"
 """
 
 
-def log_script(lines: int, run_id: str | None = None) -> str:
-    """Prints the last `lines` lines of the worker log of `run_id` (default: the run launched last)."""
+def log_script(lines: int, run_id: str | None = None, *, follow: bool = False) -> str:
+    """Prints the last `lines` lines of the worker log of `run_id` (default: the run launched last); with
+    `follow`, then what is appended (the log of a relaunch too) until the ssh session ends."""
     run = "current" if run_id is None else run_id
     return f"""# sophia-tpu logs
 log="$HOME/sophia-runs/{run}/worker.log"
 [ -f "$log" ] || {{ echo "sophia-logs $(hostname): no $log (no job launched here)" >&2; exit 3; }}
-tail -n {int(lines)} "$log"
+tail -n {int(lines)} {"-F " if follow else ""}"$log"
 """
 
 

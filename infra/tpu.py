@@ -1,23 +1,17 @@
-"""`sophia-tpu`: create a Cloud TPU VM slice, install this checkout on every worker, launch and watch a run.
+"""The stages of a run on a Cloud TPU slice, each a few gcloud calls: ask for the slice (a TPU VM, or a queued
+resource that creates one when there is capacity), read its state, install this checkout on every worker,
+launch sophia-train detached on all of them, read each worker's job, delete the slice.
 
-    sophia-tpu create NAME --zone Z --type v3-128 [--spot | --preemptible] [--version V] [--project P]
-    sophia-tpu setup NAME --zone Z [--allow-dirty] [--repo DIR] [--python python3.11]
-    sophia-tpu launch NAME --zone Z --config FILE --run_dir gs://BUCKET/runs/ID [--env NAME] [--dotted.key VALUE]
-    sophia-tpu status NAME --zone Z
-    sophia-tpu logs NAME --zone Z [--worker N] [--lines K]
-    sophia-tpu delete NAME --zone Z [--yes]
-    sophia-tpu babysit NAME --zone Z --type v3-128 --config FILE --run_dir gs://... [--retries N] [--poll S]
-    sophia-tpu plan NAME --zone Z --type v3-128 --config FILE --run_dir gs://...   (create, setup, launch: printed)
-
-Every subcommand takes --dry-run (print the exact commands, one per line, run nothing) and --project.
-Arguments are checked before anything runs (exit 2, `sophia-tpu: ...`); a failing gcloud stops at once
-with its own message (exit 1). Every action is logged to stderr with a timestamp.
+The command line is infra/cli.py (`sophia-tpu`); the babysitter that chains the stages through preemptions
+is infra/babysit.py. Everything here takes a `Gcloud` (infra/gcloud.py), which prints the commands instead
+of running them under --dry-run.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import importlib
+import json
 import os
 import re
 import subprocess
@@ -30,14 +24,26 @@ from infra import remote
 from infra.gcloud import Call, Gcloud, GcloudError, log
 from trainer.aot import SLICE_TOPOLOGY
 
-__all__ = ["LaunchSpec", "SliceSpec", "TpuError", "UsageError", "create", "delete", "describe_state", "fit_check",
-           "hosts", "job_states", "launch", "logs", "main", "setup", "status", "wait_ready"]
+__all__ = ["GONE", "LaunchSpec", "Node", "READY", "SliceSpec", "TpuError", "UsageError", "check_config",
+           "check_fit_tools", "check_launch", "check_type", "create",
+           "delete", "describe", "fit_check", "hosts", "job_states", "launch", "logs", "queued_state", "request",
+           "retryable", "setup", "slice_state", "stop", "wait_ready"]
 
 READY = "READY"
-GONE_STATES = ("PREEMPTED", "TERMINATED")  # a VM in these states is deleted and created again
-FAILED_STATES = ("FAILED", "PREEMPTED", "TERMINATED", "STOPPED")  # not going to become READY by waiting
+ACTIVE = "ACTIVE"  # a queued resource whose node exists
+GONE = "GONE"  # no such VM (or queued resource): the babysitter asks for one
+RECREATE_STATES = ("PREEMPTED", "TERMINATED", "FAILED", "SUSPENDED")  # deleted and asked for again
+WAIT_STATES = ("CREATING", "STARTING", "RESTARTING", "REPAIRING", "WAITING_FOR_RESOURCES", "PROVISIONING",
+               "ACCEPTED", "SUSPENDING", "DELETING", ACTIVE)  # becoming something else by themselves
 DEFAULT_VERSION = "tpu-ubuntu2204-base"  # the TPU VM runtime for v4 and older (REFERENCE.md §6)
 CORES_PER_HOST = 8  # a v3 host: 4 chips x 2 cores
+
+# gcloud failures that may pass by themselves: no capacity (or quota) right now, a server error, a lost ssh
+# connection (ssh's exit status 255). Anything else (permissions, a bad flag, a missing zone) stops at once.
+_CAPACITY = re.compile(r"RESOURCE_EXHAUSTED|no more capacity|ZONE_RESOURCE_POOL_EXHAUSTED|stockout|"
+                       r"insufficient capacity|quota", re.IGNORECASE)
+_TRANSIENT = re.compile(r"\b(UNAVAILABLE|INTERNAL|DEADLINE_EXCEEDED|ABORTED|UNKNOWN|5\d\d)\b|backend error|"
+                        r"timed? ?out|connection (reset|refused|closed)|try again", re.IGNORECASE)
 
 
 class UsageError(ValueError):
@@ -45,18 +51,28 @@ class UsageError(ValueError):
 
 
 class TpuError(RuntimeError):
-    """The VM or the job is not in the state asked for (or a check failed). Exit status 1."""
+    """The slice or the job is not in the state asked for (or a check failed). Exit status 1."""
 
 
 @dataclasses.dataclass(frozen=True)
 class SliceSpec:
-    """What `create` makes: a TPU VM named `name` of `accelerator_type` (e.g. v3-128)."""
+    """What `request` asks for: a TPU VM named `name` of `accelerator_type` (e.g. v3-128), directly
+    (`tpu-vm create`) or as a queued resource of the same name (`queued`, with `valid_until`: how long the
+    request may wait for capacity, e.g. 6h). `create_flags` are passed to the create command as they are
+    (--network, --subnetwork, --service-account, --scopes)."""
 
     name: str
     accelerator_type: str
     version: str = DEFAULT_VERSION
     spot: bool = False
     preemptible: bool = False
+    queued: bool = False
+    valid_until: str | None = None
+    create_flags: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return "queued resource" if self.queued else "TPU VM"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,18 +89,27 @@ class LaunchSpec:
         return self.run_dir.rstrip("/").rsplit("/", 1)[-1]
 
 
+@dataclasses.dataclass(frozen=True)
+class Node:
+    """A TPU VM as `gcloud ... describe --format json` shows it; `workers` counts its network endpoints."""
+
+    state: str
+    accelerator_type: str
+    workers: int
+
+
 def hosts(accelerator_type: str) -> int:
-    """Workers (hosts) of a v3 slice: one per 8 cores."""
+    """Workers (hosts) of a v3 slice: one per 8 cores (what a dry run assumes; a real slice is described)."""
     return int(accelerator_type.split("-")[1]) // CORES_PER_HOST
 
 
-def _check_type(accelerator_type: str) -> str:
+def check_type(accelerator_type: str) -> str:
     if accelerator_type not in SLICE_TOPOLOGY:
         raise UsageError(f"--type {accelerator_type}: use a TPU v3 slice, one of {', '.join(SLICE_TOPOLOGY)}")
     return accelerator_type
 
 
-def _check_launch(spec: LaunchSpec) -> None:
+def check_launch(spec: LaunchSpec) -> None:
     if not Path(spec.config).is_file():
         raise UsageError(f"--config {spec.config}: no such file; pass the run's YAML (e.g. configs/neox_1_5b.yaml)")
     if not re.match(r"^gs://[^/]+/.+", spec.run_dir) or not remote.RUN_ID.match(spec.run_id):
@@ -92,60 +117,122 @@ def _check_launch(spec: LaunchSpec) -> None:
                          "ID of letters, digits, '.', '_', '-')")
 
 
+def check_fit_tools() -> None:
+    """The fit check compiles the steps for the TPU on this machine: libtpu must import here."""
+    try:
+        importlib.import_module("libtpu")
+    except ImportError as error:
+        raise UsageError(f"the fit check compiles the run for the slice here and needs libtpu, which does not import "
+                         f"({error}): pip install -e \".[tpu]\" here, or pass --skip-fit-check") from None
+
+
+def retryable(error: GcloudError) -> bool:
+    """Whether a gcloud failure may pass by itself (see _CAPACITY and _TRANSIENT)."""
+    text = error.stderr or error.message
+    return error.returncode == 255 or bool(_CAPACITY.search(text) or _TRANSIENT.search(text))
+
+
 def _cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "sophia-tpu"
 
 
-# ------------------------------------------------------------------------------------------------ the VM
-def describe_state(gc: Gcloud, name: str) -> str | None:
-    """The VM's state (READY, CREATING, PREEMPTED, ...), or None when it does not exist."""
-    result = gc.run(gc.tpu_vm("describe", name, "--format", "value(state)"), capture=True, check=False)
-    if result.returncode and "NOT_FOUND" in result.stderr:
+# ---------------------------------------------------------------------------------------- the slice
+def _not_found(result) -> bool:
+    return result.returncode != 0 and "NOT_FOUND" in result.stderr
+
+
+def describe(gc: Gcloud, name: str) -> Node | None:
+    """The TPU VM, or None when it does not exist (and under dry run, where the command is printed)."""
+    argv = gc.tpu_vm("describe", name, "--format", "json")
+    result = gc.run(argv, capture=True, check=False)
+    if gc.dry_run or _not_found(result):
         return None
     if result.returncode:
-        raise GcloudError(gc.tpu_vm("describe", name), result.returncode, result.stderr)
-    return result.stdout.strip()
+        raise GcloudError(argv, result.returncode, result.stderr)
+    node = json.loads(result.stdout)
+    return Node(node.get("state", "UNKNOWN"), node.get("acceleratorType", "").rpartition("/")[2],
+                max(1, len(node.get("networkEndpoints") or [])))
 
 
-def wait_ready(gc: Gcloud, name: str, *, timeout: float, poll: float) -> None:
-    """Polls the VM's state every `poll` s until READY; TpuError on a failed state or after `timeout` s."""
+def queued_state(gc: Gcloud, name: str) -> str | None:
+    """The queued resource's state (WAITING_FOR_RESOURCES, ACTIVE, ...), or None when there is none."""
+    argv = gc.queued("describe", name, "--format", "value(state.state)")
+    result = gc.run(argv, capture=True, check=False)
+    if gc.dry_run or _not_found(result):
+        return None
+    if result.returncode:
+        raise GcloudError(argv, result.returncode, result.stderr)
+    return result.stdout.strip() or "UNKNOWN"
+
+
+def slice_state(gc: Gcloud, spec: SliceSpec) -> tuple[str, Node | None]:
+    """(state, node): the VM's state (GONE when there is none); for a queued resource its own state until it
+    is ACTIVE, then its node's."""
+    if spec.queued:
+        state = queued_state(gc, spec.name)
+        if state != ACTIVE:
+            return state or GONE, None
+    node = describe(gc, spec.name)
+    if node is None:
+        return (ACTIVE if spec.queued else GONE), None
+    return node.state, node
+
+
+def request(gc: Gcloud, spec: SliceSpec) -> None:
+    """Asks for the slice: `tpu-vm create`, or `queued-resources create` with a node of the same name."""
+    kind = ", spot" if spec.spot else ", preemptible" if spec.preemptible else ""
+    log.info("asking for %s %s (%s, %s%s)", spec.kind, spec.name, spec.accelerator_type, spec.version, kind)
+    if spec.queued:
+        flags = ["--spot"] if spec.spot else []
+        flags += ["--valid-until-duration", spec.valid_until] if spec.valid_until else []
+        gc.run(gc.queued("create", spec.name, "--node-id", spec.name, "--accelerator-type", spec.accelerator_type,
+                         "--runtime-version", spec.version, *flags, *spec.create_flags))
+    else:
+        flags = ["--spot"] if spec.spot else ["--preemptible"] if spec.preemptible else []
+        gc.run(gc.tpu_vm("create", spec.name, "--accelerator-type", spec.accelerator_type, "--version",
+                         spec.version, *flags, *spec.create_flags))
+
+
+def wait_ready(gc: Gcloud, spec: SliceSpec, *, timeout: float, poll: float) -> Node:
+    """Polls the slice every `poll` s until READY; TpuError on a state that will not become READY, or after
+    `timeout` s."""
     if gc.dry_run:
-        gc.run(gc.tpu_vm("describe", name, "--format", "value(state)"))
+        slice_state(gc, spec)
         gc.note(f"(the describe above repeats every {poll:g} s until READY, for up to {timeout:g} s)")
-        return
+        return Node(READY, spec.accelerator_type, hosts(spec.accelerator_type))
     deadline, last = time.monotonic() + timeout, None
     while True:
-        state = describe_state(gc, name)
+        state, node = slice_state(gc, spec)
         if state != last:
-            log.info("TPU VM %s is %s", name, state or "not found")
+            log.info("%s %s is %s", spec.kind, spec.name, state)
             last = state
-        if state == READY:
-            return
-        if state is None or state in FAILED_STATES:
-            raise TpuError(f"TPU VM {name} is {state or 'gone'} instead of READY; delete it and create it again")
+        if state == READY and node is not None:
+            return node
+        if state not in WAIT_STATES:
+            raise TpuError(f"{spec.kind} {spec.name} is {state} instead of READY; delete it and create it again")
         if time.monotonic() >= deadline:
-            raise TpuError(f"TPU VM {name} is still {state} after {timeout:g} s (--timeout); check the console "
-                           f"or `sophia-tpu status {name} --zone {gc.zone}`")
+            raise TpuError(f"{spec.kind} {spec.name} is still {state} after {timeout:g} s (--timeout); check the "
+                           f"console or `sophia-tpu status {spec.name} --zone {gc.zone}`")
         time.sleep(poll)
 
 
-def create(gc: Gcloud, spec: SliceSpec, *, timeout: float, poll: float) -> None:
-    """`gcloud compute tpus tpu-vm create`, then waits until the VM is READY."""
-    log.info("creating TPU VM %s (%s, %s%s)", spec.name, spec.accelerator_type, spec.version,
-             ", spot" if spec.spot else ", preemptible" if spec.preemptible else "")
-    flags = ["--spot"] if spec.spot else ["--preemptible"] if spec.preemptible else []
-    gc.run(gc.tpu_vm("create", spec.name, "--accelerator-type", spec.accelerator_type, "--version", spec.version,
-                     *flags))
-    wait_ready(gc, spec.name, timeout=timeout, poll=poll)
+def create(gc: Gcloud, spec: SliceSpec, *, timeout: float, poll: float) -> Node:
+    """`request`, then `wait_ready`."""
+    request(gc, spec)
+    node = wait_ready(gc, spec, timeout=timeout, poll=poll)
     if not gc.dry_run:
-        log.info("TPU VM %s is READY", spec.name)
+        log.info("%s %s is READY (%d workers)", spec.kind, spec.name, node.workers)
+    return node
 
 
-def delete(gc: Gcloud, name: str) -> None:
-    """`gcloud compute tpus tpu-vm delete` (no question asked; the CLI asks unless --yes)."""
-    log.info("deleting TPU VM %s", name)
-    gc.run(gc.tpu_vm("delete", name, "--quiet"))
+def delete(gc: Gcloud, spec: SliceSpec) -> None:
+    """Deletes the TPU VM, or the queued resource with its node (no question asked; the CLI asks)."""
+    log.info("deleting %s %s", spec.kind, spec.name)
+    if spec.queued:
+        gc.run(gc.queued("delete", spec.name, "--force", "--quiet"))
+    else:
+        gc.run(gc.tpu_vm("delete", spec.name, "--quiet"))
 
 
 # ------------------------------------------------------------------------------------ install and run
@@ -159,9 +246,10 @@ def _git(repo: Path, *args: str) -> str:
 def setup(gc: Gcloud, name: str, *, repo: Path, allow_dirty: bool = False, python: str = "python3.11") -> str:
     """Installs `repo`'s HEAD commit with the tpu extra into ~/sophia-jax/venv on every worker.
 
-    Packs HEAD with `git archive`, copies it to all workers, and runs `remote.setup_script` on them,
-    which skips a commit already installed. Refuses uncommitted changes to tracked files unless
-    `allow_dirty` (HEAD is installed then, without them). Returns the commit.
+    Packs HEAD with `git archive` (into ~/.cache/sophia-tpu; nothing is written under dry run), copies it to
+    all workers, and runs `remote.setup_script` on them, which skips a commit already installed. Refuses
+    uncommitted changes to tracked files unless `allow_dirty` (HEAD is installed then, without them).
+    Returns the commit.
     """
     top = Path(_git(repo, "rev-parse", "--show-toplevel").strip())
     dirty = _git(top, "status", "--porcelain", "--untracked-files=no").splitlines()
@@ -174,7 +262,8 @@ def setup(gc: Gcloud, name: str, *, repo: Path, allow_dirty: bool = False, pytho
     commit = _git(top, "rev-parse", "HEAD").strip()
     archive = f"sophia-jax-{commit[:12]}.tar.gz"
     local = _cache_dir() / archive
-    local.parent.mkdir(parents=True, exist_ok=True)
+    if not gc.dry_run:
+        local.parent.mkdir(parents=True, exist_ok=True)
     log.info("installing %s at %s on every worker of %s", top, commit[:12], name)
     gc.run(["git", "-C", str(top), "archive", "--format=tar.gz", "-o", str(local), commit])
     gc.run(gc.tpu_vm("scp", str(local), f"{name}:{archive}", "--worker=all", "--quiet"))
@@ -185,9 +274,14 @@ def setup(gc: Gcloud, name: str, *, repo: Path, allow_dirty: bool = False, pytho
     return commit
 
 
-def _stage_config(spec: LaunchSpec) -> Path:
-    """The config with its `base:` chain resolved, written where scp takes it from; the config and the
-    overrides are checked (unknown keys and bad values are refused) on the way."""
+def check_config(spec: LaunchSpec) -> None:
+    """Refuses a config or overrides the trainer would refuse (unknown keys, bad values), writing nothing."""
+    _stage_config(Gcloud("-", dry_run=True), spec)
+
+
+def _stage_config(gc: Gcloud, spec: LaunchSpec) -> Path:
+    """The config with its `base:` chain resolved, written where scp takes it from (not under dry run); the
+    config and the overrides are checked (unknown keys and bad values are refused) on the way."""
     import yaml
 
     from trainer.config import load_config, read_yaml  # jax and the model load with it: only launch pays
@@ -201,9 +295,10 @@ def _stage_config(spec: LaunchSpec) -> Path:
         raise UsageError(f"data.cache is {config.data.cache}, a placeholder; pass --data.cache gs://BUCKET/... "
                          "(the token cache built by sophia-data)")
     staged = _cache_dir() / "runs" / spec.run_id / "config.yaml"
-    staged.parent.mkdir(parents=True, exist_ok=True)
-    staged.write_text(f"# {spec.config} with its base: chain resolved (sophia-tpu launch)\n"
-                      + yaml.safe_dump(values, sort_keys=False))
+    if not gc.dry_run:
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        staged.write_text(f"# {spec.config} with its base: chain resolved (sophia-tpu launch)\n"
+                          + yaml.safe_dump(values, sort_keys=False))
     return staged
 
 
@@ -220,7 +315,7 @@ def fit_check(gc: Gcloud, spec: LaunchSpec, accelerator_type: str) -> None:
                        "was started: change the config, or pass --skip-fit-check to launch anyway") from None
 
 
-def launch(gc: Gcloud, name: str, spec: LaunchSpec, *, accelerator_type: str | None = None,
+def launch(gc: Gcloud, name: str, spec: LaunchSpec, *, workers: int, accelerator_type: str | None = None,
            check_fit: bool = True, environ: Mapping[str, str] | None = None) -> None:
     """Starts sophia-train detached on every worker of `name`, all with the same run_dir.
 
@@ -232,209 +327,52 @@ def launch(gc: Gcloud, name: str, spec: LaunchSpec, *, accelerator_type: str | N
       gc: the gcloud runner.
       name: the TPU VM.
       spec: config, run_dir, overrides and environment variable names.
-      accelerator_type: e.g. v3-128; None = ask gcloud describe.
+      workers: the VM's workers (`describe`; under dry run `hosts` of the type).
+      accelerator_type: e.g. v3-128, for the fit check (None: no fit check).
       check_fit: compile the steps for the slice first (`fit_check`) and stop if they do not fit.
       environ: where the variables' values come from (default: os.environ).
     """
-    _check_launch(spec)
+    check_launch(spec)
     try:
         payload = remote.env_payload(spec.env_names, os.environ if environ is None else environ)
     except ValueError as error:
         raise UsageError(str(error)) from None
-    if accelerator_type is None:
-        if gc.dry_run:
-            raise UsageError("launch --dry-run needs --type (it does not ask gcloud describe)")
-        accelerator_type = gc.run(gc.tpu_vm("describe", name, "--format", "value(acceleratorType)"),
-                                  capture=True).stdout.strip()
-    _check_type(accelerator_type)
-    n = hosts(accelerator_type)
-    staged = _stage_config(spec)
-    if check_fit:
-        fit_check(gc, spec, accelerator_type)
-    log.info("launching run %s on %d worker(s) of %s: sophia-train --config %s --run_dir %s %s", spec.run_id, n,
-             name, spec.config, spec.run_dir, " ".join(spec.overrides))
+    staged = _stage_config(gc, spec)
+    if check_fit and accelerator_type is not None:
+        fit_check(gc, spec, check_type(accelerator_type))
+    log.info("launching run %s on %d worker(s) of %s: sophia-train --config %s --run_dir %s %s", spec.run_id,
+             workers, name, spec.config, spec.run_dir, " ".join(spec.overrides))
     gc.run(gc.tpu_vm("scp", str(staged), f"{name}:sophia-run-{spec.run_id}.yaml", "--worker=all", "--quiet"))
     if spec.env_names:
         gc.note(f"each ssh below reads {', '.join(spec.env_names)} from your environment on its stdin (not shown)")
     calls = [Call(gc.tpu_vm("ssh", name, f"--worker={i}", "--quiet", "--command",
                             remote.launch_script(spec.run_id, i, spec.run_dir, spec.overrides, spec.env_names,
-                                                 distributed=n > 1)),
-                  stdin=payload, label=f"worker {i}") for i in range(n)]
+                                                 distributed=workers > 1)),
+                  stdin=payload, label=f"worker {i}") for i in range(workers)]
     gc.run_parallel(calls)
     if not gc.dry_run:
-        log.info("run %s started on %d worker(s); follow it with `sophia-tpu logs %s --zone %s`", spec.run_id, n,
-                 name, gc.zone)
+        log.info("run %s started on %d worker(s); follow it with `sophia-tpu logs %s --zone %s --follow`",
+                 spec.run_id, workers, name, gc.zone)
+
+
+def stop(gc: Gcloud, name: str) -> None:
+    """Stops the sophia jobs on every worker and waits until they are gone: before a relaunch after a host
+    failure, so that no new process meets a survivor's coordination service (or its collectives)."""
+    log.info("stopping what is left of the job on every worker of %s", name)
+    gc.run(gc.tpu_vm("ssh", name, "--worker=all", "--quiet", "--command", remote.stop_script()))
 
 
 def job_states(gc: Gcloud, name: str) -> list[dict[str, str]]:
-    """One record per worker: host, worker, run, state (none/running/exited/terminated/died), code."""
+    """One record per worker: host, worker, run, state (none/running/exited/terminated/died), code, run_dir."""
     result = gc.run(gc.tpu_vm("ssh", name, "--worker=all", "--quiet", "--command", remote.status_script()),
                     capture=True)
     return remote.parse_job_lines(result.stdout)
 
 
-def status(gc: Gcloud, name: str) -> None:
-    """Prints the VM's state and, when READY, each worker's job."""
-    state = describe_state(gc, name)
-    if gc.dry_run:
-        job_states(gc, name)
-        return
-    print(f"{name} ({gc.zone}): {state or 'not found'}", flush=True)
-    if state == READY:
-        for r in sorted(job_states(gc, name), key=lambda r: r.get("worker", "")):
-            code = "" if r.get("code", "-") == "-" else f" (exit status {r['code']})"
-            print(f"  worker {r.get('worker')} {r.get('host')}: run {r.get('run')} {r.get('state')}{code}", flush=True)
-
-
 def logs(gc: Gcloud, name: str, *, worker: int = 0, lines: int = 100, run_id: str | None = None,
-         capture: bool = False) -> str:
-    """The last `lines` lines of a worker's job log (printed unless `capture`)."""
+         follow: bool = False, capture: bool = False) -> str:
+    """The last `lines` lines of a worker's job log (printed unless `capture`); `follow` keeps printing
+    what is appended until interrupted."""
     result = gc.run(gc.tpu_vm("ssh", name, f"--worker={worker}", "--quiet", "--command",
-                              remote.log_script(lines, run_id)), capture=capture)
+                              remote.log_script(lines, run_id, follow=follow)), capture=capture)
     return result.stdout
-
-
-# ------------------------------------------------------------------------------------------- the CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        self.exit(2, f"sophia-tpu: {message} (see sophia-tpu --help)\n")
-
-
-def _parser() -> argparse.ArgumentParser:
-    common = _Parser(add_help=False, allow_abbrev=False)
-    common.add_argument("name", metavar="NAME", help="the TPU VM")
-    common.add_argument("--zone", required=True, help="its zone, e.g. europe-west4-a")
-    common.add_argument("--project", help="its project (default: gcloud's configured one)")
-    common.add_argument("--dry-run", action="store_true", help="print the exact commands instead of running them")
-    slice_ = _Parser(add_help=False, allow_abbrev=False)
-    slice_.add_argument("--type", required=True, help="accelerator type: v3-8, v3-32, v3-64, v3-128, v3-256, v3-512")
-    kind = slice_.add_mutually_exclusive_group()
-    kind.add_argument("--spot", action="store_true", help="a Spot VM (cheaper, may be preempted)")
-    kind.add_argument("--preemptible", action="store_true", help="a preemptible VM (may be preempted)")
-    slice_.add_argument("--version", default=DEFAULT_VERSION, help=f"TPU VM runtime (default {DEFAULT_VERSION})")
-    slice_.add_argument("--timeout", type=float, default=1800, help="seconds to wait for READY after create")
-    install = _Parser(add_help=False, allow_abbrev=False)
-    install.add_argument("--repo", type=Path, default=Path(__file__).resolve().parent.parent,
-                         help="the sophia-jax git checkout to install (default: this one)")
-    install.add_argument("--allow-dirty", action="store_true", help="install HEAD despite uncommitted changes")
-    install.add_argument("--python", default="python3.11", help="the python the workers' venv is made with")
-    run = _Parser(add_help=False, allow_abbrev=False)
-    run.add_argument("--config", required=True, help="the run's YAML (a local file; copied to the workers)")
-    run.add_argument("--run_dir", required=True, help="gs://BUCKET/runs/ID: the same on every worker")
-    run.add_argument("--env", action="append", metavar="NAME",
-                     help="pass this environment variable to the job (repeatable; default WANDB_API_KEY if set)")
-    run.add_argument("--skip-fit-check", action="store_true", help="do not compile the steps for the slice first")
-
-    parser = _Parser(prog="sophia-tpu", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    add = lambda name, parents, help: sub.add_parser(name, parents=parents, help=help, allow_abbrev=False)  # noqa: E731
-    p = add("create", [common, slice_], "create a TPU VM and wait until it is READY")
-    p.add_argument("--poll", type=float, default=10, help="seconds between state checks")
-    add("setup", [common, install], "install this checkout's HEAD on every worker")
-    p = add("launch", [common, run], "start sophia-train detached on every worker")
-    p.add_argument("--type", help="accelerator type (default: ask gcloud describe)")
-    add("status", [common], "the VM's state and each worker's job")
-    p = add("logs", [common], "the last lines of a worker's job log")
-    p.add_argument("--worker", type=int, default=0, help="which worker (default 0)")
-    p.add_argument("--lines", type=int, default=100, help="how many lines (default 100)")
-    p = add("delete", [common], "delete the TPU VM")
-    p.add_argument("--yes", action="store_true", help="do not ask first")
-    p = add("babysit", [common, slice_, install, run], "keep the run going through preemptions until it finishes")
-    p.add_argument("--retries", type=int, default=3, help="relaunches after failures of the job itself")
-    p.add_argument("--poll", type=float, default=60, help="seconds between checks")
-    p = add("plan", [common, slice_, install, run], "print the create, setup and launch commands")
-    p.add_argument("--poll", type=float, default=10, help="seconds between state checks")
-    return parser
-
-
-def _overrides(command: str, extra: list[str]) -> tuple[str, ...]:
-    """The dotted `--section.key VALUE` arguments argparse did not know, checked for shape."""
-    for i, arg in enumerate(extra):
-        is_key = arg.startswith("--") and "." in arg.partition("=")[0]
-        is_value = i > 0 and extra[i - 1].startswith("--") and "=" not in extra[i - 1] and not arg.startswith("--")
-        if command not in ("launch", "babysit", "plan") or not (is_key or is_value):
-            raise UsageError(f"{command}: unexpected argument {arg!r}"
-                             + ("; config overrides are --section.key VALUE" if command in ("launch", "babysit",
-                                                                                              "plan") else ""))
-    return tuple(extra)
-
-
-def _env_names(args: argparse.Namespace) -> tuple[str, ...]:
-    names = args.env if args.env is not None else [n for n in ("WANDB_API_KEY",) if n in os.environ]
-    for name in names:
-        if not remote.ENV_NAME.match(name):
-            raise UsageError(f"--env {name!r}: not an environment variable name")
-        if name not in os.environ:
-            raise UsageError(f"--env {name}: {name} is not set in this environment; export it or drop --env {name}")
-    return tuple(dict.fromkeys(names))
-
-
-def _confirm(question: str) -> bool:
-    print(question + " [y/N] ", end="", file=sys.stderr, flush=True)
-    return sys.stdin.readline().strip().lower() in ("y", "yes")
-
-
-def _dispatch(args: argparse.Namespace, extra: list[str]) -> int:
-    from infra.babysit import babysit
-
-    gc = Gcloud(args.zone, args.project, dry_run=args.dry_run or args.command == "plan")
-    overrides = _overrides(args.command, extra)
-    for option in ("poll", "timeout", "retries", "lines", "worker"):
-        if getattr(args, option, 0) < 0:
-            raise UsageError(f"--{option} {getattr(args, option)}: use a value >= 0")
-    if args.command in ("launch", "babysit", "plan"):
-        spec = LaunchSpec(args.config, args.run_dir, overrides, _env_names(args))
-        _check_launch(spec)
-        if args.type is not None:
-            _check_type(args.type)
-    if args.command == "babysit" and args.dry_run:
-        raise UsageError("babysit --dry-run would print only its first step; `sophia-tpu plan` prints the create, "
-                         "setup and launch commands")
-    if args.command in ("create", "babysit", "plan"):
-        slices = SliceSpec(args.name, args.type, args.version, args.spot, args.preemptible)
-    if args.command == "create":
-        create(gc, slices, timeout=args.timeout, poll=args.poll)
-    elif args.command == "setup":
-        setup(gc, args.name, repo=args.repo, allow_dirty=args.allow_dirty, python=args.python)
-    elif args.command == "launch":
-        launch(gc, args.name, spec, accelerator_type=args.type, check_fit=not args.skip_fit_check)
-    elif args.command == "status":
-        status(gc, args.name)
-    elif args.command == "logs":
-        logs(gc, args.name, worker=args.worker, lines=args.lines)
-    elif args.command == "delete":
-        if not (args.yes or gc.dry_run or _confirm(f"Delete TPU VM {args.name} in {args.zone}? It cannot be undone.")):
-            raise TpuError(f"{args.name} was not deleted (not confirmed; pass --yes to skip the question)")
-        delete(gc, args.name)
-    elif args.command == "plan":
-        create(gc, slices, timeout=args.timeout, poll=args.poll)
-        setup(gc, args.name, repo=args.repo, allow_dirty=args.allow_dirty, python=args.python)
-        launch(gc, args.name, spec, accelerator_type=args.type, check_fit=not args.skip_fit_check)
-    elif args.command == "babysit":
-        return babysit(gc, slices, spec, repo=args.repo, allow_dirty=args.allow_dirty, python=args.python,
-                       retries=args.retries, poll=args.poll, timeout=args.timeout,
-                       check_fit=not args.skip_fit_check)
-    return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    import logging
-
-    args, extra = _parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-    dry = " (dry run)" if args.dry_run or args.command == "plan" else ""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s sophia-tpu{dry}: %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr, force=True)
-    try:
-        return _dispatch(args, extra)
-    except UsageError as error:
-        print(f"sophia-tpu: {error}", file=sys.stderr)
-        return 2
-    except (TpuError, GcloudError) as error:
-        print(f"sophia-tpu: {error}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":  # python -m infra.tpu: run the package's module, whose errors infra.babysit raises
-    from infra.tpu import main as package_main
-
-    sys.exit(package_main())

@@ -23,11 +23,10 @@ __all__ = ["OFFLINE_ENV", "FakeGCS", "binary", "free_port"]
 
 # No library may look for Google credentials or the GCE metadata server: gcsfs connects anonymously
 # (fsspec reads FSSPEC_GS_TOKEN into its config at import), google-auth skips the GCE check and its
-# metadata host is a loopback port where nothing listens, and gcsfs's zonal-bucket probe (a gRPC call the
-# fake server does not serve, read at gcsfs import) is off.
+# metadata host is a loopback port where nothing listens. gcsfs's bucket-layout probe is left to what the
+# trainer sets for its users (trainer.storage.configure), so the tests run that configuration.
 OFFLINE_ENV = {
     "FSSPEC_GS_TOKEN": "anon",
-    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     "NO_GCE_CHECK": "true",
     "GCE_METADATA_HOST": "127.0.0.1:9",
     "GCE_METADATA_ROOT": "127.0.0.1:9",

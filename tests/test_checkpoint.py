@@ -57,14 +57,14 @@ def test_policy_saves_by_steps_and_minutes_and_keeps_latest_plus_every_mth(tmp_p
     now = [0.0]
     ckpt = Checkpointer(tmp_path, CheckpointConfig(every_steps=4, every_minutes=1.0, keep=2, keep_every=5,
                                                    async_save=False), clock=lambda: now[0])
-    assert [s for s in range(1, 9) if ckpt.due(s)] == [4, 8]
+    assert [s for s in range(1, 9) if ckpt.due_by_steps(s)] == [4, 8] and not ckpt.due_by_time()
     now[0] = 61.0
-    assert ckpt.due(3)  # a minute passed since the last save
+    assert ckpt.due_by_time()  # a minute passed since the last save
     for step in range(1, 13):
         ckpt.save(step, {"x": jnp.full(2, float(step))}, {})
     ckpt.wait()
     assert ckpt.steps() == [5, 10, 11, 12]
-    assert not ckpt.due(3)  # the clock restarted at the last save
+    assert not ckpt.due_by_time()  # the clock restarted at the last save
 
 
 def test_damaged_latest_checkpoint_falls_back_with_a_warning(tmp_path, caplog):

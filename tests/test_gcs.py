@@ -16,6 +16,10 @@ import pytest
 
 from gcs import FakeGCS, binary
 from runs import assert_same_final_state
+from test_lease import (check_a_holder_paused_past_the_timeout_finds_its_lease_lost,
+                        check_a_lease_from_another_machine_is_taken_after_the_timeout,
+                        check_live_holder_is_named_and_a_killed_one_taken_over_at_once, holders)  # noqa: F401
+from trainer import storage
 from trainer.checkpoint import trim_metrics
 from trainer.data.corpus import EmbeddedCorpus, build_embedded
 from trainer.metrics import MetricsWriter
@@ -37,6 +41,7 @@ def server(tmp_path_factory):
     except OSError as error:  # e.g. an executable of another architecture
         pytest.skip(f"the fake-gcs-server binary cannot run here: {error}")
     previous = FakeGCS.apply(gcs.env())
+    storage.configure()  # this process's own gs:// access as the trainer configures it for its users
     yield gcs
     gcs.stop()
     for k, v in previous.items():
@@ -68,7 +73,8 @@ def command(run_dir: str, cache: str, *extra: str) -> list[str]:
 
 
 def env(server: FakeGCS, compile_cache_env: dict[str, str], home: Path) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # What a user's environment holds: nothing about gcsfs's bucket-layout probe (the trainer decides).
+    out = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")}
     out.update(server.env())
     out.update(JAX_PLATFORMS="cpu", WANDB_MODE="disabled", PYTHONUNBUFFERED="1", HOME=str(home),
                XDG_CACHE_HOME=str(home / ".cache"), **compile_cache_env)
@@ -138,6 +144,7 @@ def test_gs_run_killed_resumed_and_through_an_outage_matches_a_local_run_bit_for
     result = run(RUN, gs_cache)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming from gs://bucket/runs/tiny/checkpoints/" in result.stderr
+    assert "bucket type" not in result.stderr and "gcsfs" not in result.stderr  # no bucket-layout probe
     local_records = records(Path(straight, "metrics.jsonl").read_text())
     assert records(fs.cat("bucket/runs/tiny/metrics.jsonl").decode()) == local_records
     assert "vocab_size: 384" in fs.cat("bucket/runs/tiny/config.yaml").decode()
@@ -181,3 +188,56 @@ def test_metrics_on_gs_are_rewritten_whole_and_trimmed_and_wandb_stays_local(tmp
     assert steps() == [1, 2, 3]
     assert [r["step"] for r in load_metrics(run_dir)] == [1, 2, 3]  # sophia-plot reads gs:// too
     assert no_gs_directory(tmp_path)
+
+
+# ------------------------------------------------------------------ what the trainer sets for gcsfs
+PROBE = """import os, sys, time
+import fsspec
+from trainer import storage
+storage.configure()
+from etils import epath
+path = epath.Path("gs://bucket/probe/" + sys.argv[1])
+start = time.monotonic()
+for i in range(3):
+    path.write_text(str(i))
+    assert path.read_text() == str(i) and path.exists()
+print(type(fsspec.filesystem("gs")).__name__, round(time.monotonic() - start, 1))
+"""
+
+
+@pytest.mark.parametrize("setting", [None, "true"])
+def test_the_trainers_gcsfs_configuration_against_the_emulator(server, setting, tmp_path):
+    """Without GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT (users' default) storage.configure() keeps gcsfs's JSON API
+    filesystem: no bucket-layout probe, no warning. Set to true by the user, it is respected (the
+    experimental filesystem, whose failed probe against this emulator is retried for up to 60 s per call;
+    only its class is checked here, after one call)."""
+    environ = {k: v for k, v in os.environ.items() if k != "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"}
+    if setting is None:
+        result = subprocess.run([sys.executable, "-c", PROBE, "a"], env=environ, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        name, seconds = result.stdout.split()
+        assert name == "GCSFileSystem" and float(seconds) < 30 and result.stderr == "", result.stderr[-2000:]
+    else:
+        environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = setting
+        code = ("import fsspec\nfrom trainer import storage\nstorage.configure()\n"
+                "print(type(fsspec.filesystem('gs')).__name__)")
+        result = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True, text=True, timeout=120)
+        assert result.stdout.strip() == "ExtendedGcsFileSystem", result.stderr[-2000:]
+
+
+# ------------------------------------------------------------- the run directory's lease on gs://
+# The checks of tests/test_lease.py with the lease an object: created with ifGenerationMatch=0 and replaced
+# with ifGenerationMatch=<generation> (fake-gcs-server enforces both, as GCS does).
+def test_lease_on_gs_live_holder_named_killed_one_taken_over(server, holders):
+    check_live_holder_is_named_and_a_killed_one_taken_over_at_once("gs://bucket/leases/a", holders)
+
+
+def test_lease_on_gs_from_another_machine_taken_after_the_timeout(server, caplog):
+    fs = fsspec.filesystem("gs", use_listings_cache=False)
+    check_a_lease_from_another_machine_is_taken_after_the_timeout(
+        "gs://bucket/leases/b", lambda text: fs.pipe("bucket/leases/b/lease.json", text.encode()), caplog)
+
+
+def test_lease_on_gs_paused_holder_finds_it_lost(server, holders):
+    check_a_holder_paused_past_the_timeout_finds_its_lease_lost("gs://bucket/leases/c", holders)

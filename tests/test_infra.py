@@ -1,16 +1,15 @@
 """sophia-tpu (infra/): the gcloud command lines of every stage, against a fake gcloud (tests/fakes/gcloud)
-that records each call (argv and stdin apart) and plays scripted answers; the babysitter's decisions; and
-the bash that runs on the workers, run here by bash in a temporary HOME with a stand-in sophia-train.
+that records each call (argv and stdin apart) and plays scripted answers, and dry runs. The bash that runs
+on the workers is tests/test_worker_scripts.py, the babysitter's decisions tests/test_babysit.py, a whole
+pod, emulated, tests/test_pod.py.
 """
 
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 import tomllib
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import yaml
 
 from infra import remote
 from infra.babysit import job_verdict
-from infra.tpu import main
+from infra.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKES = Path(__file__).resolve().parent / "fakes"
@@ -34,11 +33,21 @@ def tpu_vm(*args: str) -> list[str]:
     return ["compute", "tpus", "tpu-vm", *args, "--zone", ZONE]
 
 
-DESCRIBE = tpu_vm("describe", "t1", "--format", "value(state)")
+DESCRIBE = tpu_vm("describe", "t1", "--format", "json")
+NOT_FOUND = ("ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource 'projects/p/locations/z/nodes/t1' "
+             "was not found\n")
 
 
 def say(stdout: str = "", stderr: str = "", exit: int = 0) -> dict:
     return {"stdout": stdout, "stderr": stderr, "exit": exit}
+
+
+def node(state: str, accelerator_type: str = "v3-8", workers: int | None = None) -> dict:
+    """What `tpu-vm describe --format json` prints for a node (the fields sophia-tpu reads)."""
+    workers = int(accelerator_type.split("-")[1]) // 8 if workers is None else workers
+    return say(json.dumps({"name": "projects/p/locations/z/nodes/t1", "state": state,
+                           "acceleratorType": accelerator_type,
+                           "networkEndpoints": [{"ipAddress": f"10.0.0.{i}", "port": 8470} for i in range(workers)]}))
 
 
 def job(worker: int, state: str, code: str = "-", run: str = "r1") -> str:
@@ -107,7 +116,7 @@ def bash_argv(line: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ create
 def test_create_polls_describe_until_ready_and_logs_with_timestamps(fake, capfd):
-    fake.script({"describe": [say("CREATING\n"), say("CREATING\n"), say("READY\n")]})
+    fake.script({"describe": [node("CREATING", "v3-32"), node("CREATING", "v3-32"), node("READY", "v3-32")]})
     code, out, err = sophia_tpu(capfd, "create", "t1", "--zone", ZONE, "--type", "v3-32", "--spot", "--poll", "0.001")
     assert code == 0, err
     assert fake.calls() == [tpu_vm("create", "t1", "--accelerator-type", "v3-32", "--version", "tpu-ubuntu2204-base",
@@ -118,7 +127,7 @@ def test_create_polls_describe_until_ready_and_logs_with_timestamps(fake, capfd)
 
 
 def test_create_reports_a_failed_state(fake, capfd):
-    fake.script({"describe": [say("CREATING\n"), say("FAILED\n")]})
+    fake.script({"describe": [node("CREATING"), node("FAILED")]})
     code, out, err = sophia_tpu(capfd, "create", "t1", "--zone", ZONE, "--type", "v3-8", "--poll", "0.001")
     assert code == 1
     assert "sophia-tpu: TPU VM t1 is FAILED instead of READY" in err
@@ -126,7 +135,7 @@ def test_create_reports_a_failed_state(fake, capfd):
 
 
 def test_create_gives_up_after_the_timeout(fake, capfd):
-    fake.script({"describe": [say("CREATING\n")]})
+    fake.script({"describe": [node("CREATING")]})
     code, out, err = sophia_tpu(capfd, "create", "t1", "--zone", ZONE, "--type", "v3-8", "--timeout", "0")
     assert code == 1
     assert "TPU VM t1 is still CREATING after 0 s (--timeout)" in err
@@ -194,15 +203,16 @@ def test_setup_refuses_uncommitted_changes_unless_allowed(fake, repo, capfd):
 
 def test_launch_feeds_the_secret_on_each_workers_stdin_only(fake, capfd, monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
-    code, out, err = sophia_tpu(capfd, "launch", "t1", "--zone", ZONE, "--type", "v3-32", "--config", CONFIG_6_6B,
+    fake.script({"describe": [node("READY", "v3-32")]})
+    code, out, err = sophia_tpu(capfd, "launch", "t1", "--zone", ZONE, "--config", CONFIG_6_6B,
                                 "--run_dir", "gs://b/runs/r1", "--skip-fit-check", "--optimizer.rho", "0.1",
                                 "--data.cache", "gs://b/pile")
     assert code == 0, err
     staged = fake.cache / "runs" / "r1" / "config.yaml"
     calls = fake.calls()
-    assert calls[0] == tpu_vm("scp", str(staged), "t1:sophia-run-r1.yaml", "--worker=all", "--quiet")
-    ssh = calls[1:]
-    assert sorted(c[5] for c in ssh) == ["--worker=0", "--worker=1", "--worker=2", "--worker=3"]  # v3-32: 4 hosts
+    assert calls[:2] == [DESCRIBE, tpu_vm("scp", str(staged), "t1:sophia-run-r1.yaml", "--worker=all", "--quiet")]
+    ssh = calls[2:]
+    assert sorted(c[5] for c in ssh) == ["--worker=0", "--worker=1", "--worker=2", "--worker=3"]  # 4 endpoints
     for c in ssh:
         assert c[:5] == ["compute", "tpus", "tpu-vm", "ssh", "t1"] and c[6:8] == ["--quiet", "--command"]
         assert c[9:] == ["--zone", ZONE]
@@ -215,6 +225,14 @@ def test_launch_feeds_the_secret_on_each_workers_stdin_only(fake, capfd, monkeyp
     # the 6.6B config, base chain resolved: its own width, the 1.5B file's sequence length
     values = yaml.safe_load(staged.read_text())
     assert "base" not in values and values["model"]["hidden_dim"] == 4096 and values["model"]["seq_len"] == 2048
+
+
+def test_launch_refuses_a_vm_that_is_not_ready(fake, capfd):
+    fake.script({"describe": [node("CREATING")]})
+    code, out, err = sophia_tpu(capfd, "launch", "t1", "--zone", ZONE, "--config", CONFIG_1_5B, "--run_dir",
+                                "gs://b/runs/r1", "--skip-fit-check", "--data.cache", "gs://b/pile")
+    assert code == 1 and "sophia-tpu: TPU VM t1 is CREATING, not READY" in err
+    assert fake.calls() == [DESCRIBE]
 
 
 def test_launch_stops_before_anything_when_the_fit_check_fails(fake, capfd):
@@ -270,35 +288,98 @@ def test_plan_prints_create_setup_launch_and_calls_nothing(fake, repo, capfd, mo
         assert c[:8] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "t1", f"--worker={i}", "--quiet"]
         assert c[9].startswith(f"# sophia-tpu launch r1 worker {i}\n") and "WANDB_API_KEY) export" in c[9]
     assert any("WANDB_API_KEY" in x and "stdin" in x for x in comments)
+    assert not fake.cache.exists()  # a dry run writes nothing: the archive and the config are only named
+
+
+def test_create_passes_network_flags_and_ssh_takes_iap(fake, capfd):
+    fake.script({"describe": [node("READY", "v3-32")], "ssh:sophia-tpu status": [say(job(0, "running"))]})
+    code, out, err = sophia_tpu(capfd, "create", "t1", "--zone", ZONE, "--type", "v3-32", "--network", "net",
+                                "--subnetwork", "sub", "--service-account", "sa@p.iam.gserviceaccount.com",
+                                "--scopes", "cloud-platform")
+    assert code == 0, err
+    assert fake.calls()[0] == tpu_vm("create", "t1", "--accelerator-type", "v3-32", "--version",
+                                     "tpu-ubuntu2204-base", "--network", "net", "--subnetwork", "sub",
+                                     "--service-account", "sa@p.iam.gserviceaccount.com", "--scopes",
+                                     "cloud-platform")
+    code, out, err = sophia_tpu(capfd, "status", "t1", "--zone", ZONE, "--internal-ip", "--tunnel-through-iap")
+    assert code == 0, err
+    ssh = fake.calls()[-1]
+    assert ssh[3] == "ssh" and ssh[-4:] == ["--internal-ip", "--tunnel-through-iap", "--zone", ZONE]
+
+
+# ------------------------------------------------------------------------------ queued resources
+def qr(*args: str) -> list[str]:
+    return ["compute", "tpus", "queued-resources", *args, "--zone", ZONE]
+
+
+def test_create_queued_waits_for_active_then_ready(fake, capfd):
+    fake.script({"qr-describe": [say("WAITING_FOR_RESOURCES\n"), say("PROVISIONING\n"), say("ACTIVE\n")],
+                 "describe": [node("CREATING"), node("READY")]})
+    code, out, err = sophia_tpu(capfd, "create", "t1", "--zone", ZONE, "--type", "v3-8", "--spot", "--queued",
+                                "--valid-until-duration", "6h", "--poll", "0.001")
+    assert code == 0, err
+    state = qr("describe", "t1", "--format", "value(state.state)")
+    assert fake.calls() == [qr("create", "t1", "--node-id", "t1", "--accelerator-type", "v3-8", "--runtime-version",
+                               "tpu-ubuntu2204-base", "--spot", "--valid-until-duration", "6h"),
+                            state, state, state, DESCRIBE, state, DESCRIBE]
+    assert "queued resource t1 is WAITING_FOR_RESOURCES" in err and "queued resource t1 is READY" in err
+
+
+def test_queued_status_and_delete(fake, capfd):
+    fake.script({"qr-describe": [say("SUSPENDED\n")]})
+    code, out, err = sophia_tpu(capfd, "status", "t1", "--zone", ZONE, "--queued")
+    assert code == 0 and out == "t1 (us-zone1-a): SUSPENDED\n", err
+    code, out, err = sophia_tpu(capfd, "delete", "t1", "--zone", ZONE, "--queued", "--yes")
+    assert code == 0, err
+    assert fake.calls()[-1] == qr("delete", "t1", "--force", "--quiet")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--queued", "--preemptible"], "--queued --preemptible: a queued resource asks for --spot capacity"),
+    (["--valid-until-duration", "6h"], "--valid-until-duration is a queued resource's: add --queued"),
+])
+def test_queued_flags_are_checked(fake, capfd, args, message):
+    code, out, err = sophia_tpu(capfd, "create", "t1", "--zone", ZONE, "--type", "v3-8", *args)
+    assert code == 2 and message in err and fake.calls() == []
 
 
 # ------------------------------------------------------------------------- status, logs, delete
-def test_status_prints_the_vm_state_and_each_workers_job(fake, capfd):
-    fake.script({"describe": [say("READY\n")],
+def test_status_prints_the_vm_state_each_workers_job_and_the_runs_progress(fake, capfd, tmp_path):
+    run_dir = tmp_path / "run"  # a local run directory stands in for gs:// (infra/progress.py reads both)
+    (run_dir / "checkpoints" / "10").mkdir(parents=True)
+    (run_dir / "checkpoints" / "20.orbax-checkpoint-tmp-5").mkdir()  # a save in progress: not a checkpoint
+    (run_dir / "config.yaml").write_text("trainer:\n  num_train_steps: 100\n")
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 11, "train/loss": 3.5}) + "\n" + json.dumps(
+        {"step": 12, "train/loss": 3.25, "throughput/tokens_per_second": 12345.6}) + "\n" + '{"step": 13, "tr')
+    fake.script({"describe": [node("READY", "v3-32", workers=2)],
                  "ssh:sophia-tpu status": [say(job(1, "exited", "0") + job(0, "running"))]})
-    code, out, err = sophia_tpu(capfd, "status", "t1", "--zone", ZONE)
+    code, out, err = sophia_tpu(capfd, "status", "t1", "--zone", ZONE, "--run_dir", str(run_dir))
     assert code == 0, err
-    assert out.splitlines() == ["t1 (us-zone1-a): READY", "  worker 0 h0: run r1 running",
-                                "  worker 1 h1: run r1 exited (exit status 0)"]
+    lines = out.splitlines()
+    assert lines[:3] == ["t1 (us-zone1-a): READY (v3-32, 2 workers)", "  worker 0 h0: run r1 running",
+                         "  worker 1 h1: run r1 exited (exit status 0)"]
+    assert re.fullmatch(rf"  run {run_dir}: step 12 of 100, loss 3\.25, 12,346 tokens/s, last line \d+ s ago; "
+                        r"newest checkpoint 10", lines[3]), lines[3]
     assert fake.calls() == [DESCRIBE, tpu_vm("ssh", "t1", "--worker=all", "--quiet", "--command",
                                              remote.status_script())]
 
 
 def test_status_of_a_vm_that_does_not_exist(fake, capfd):
-    fake.script({"describe": [say(stderr="ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: Resource "
-                                         "'projects/p/locations/us-zone1-a/nodes/t1' was not found\n", exit=1)]})
+    fake.script({"describe": [say(stderr=NOT_FOUND, exit=1)]})
     code, out, err = sophia_tpu(capfd, "status", "t1", "--zone", ZONE)
     assert code == 0 and out == "t1 (us-zone1-a): not found\n"
     assert fake.calls() == [DESCRIBE]
 
 
-def test_logs_tails_one_workers_log(fake, capfd):
+def test_logs_tails_one_workers_log_or_follows_it(fake, capfd):
     fake.script({"ssh:sophia-tpu logs": [say("step 7 loss 3.1\n")]})
     code, out, err = sophia_tpu(capfd, "logs", "t1", "--zone", ZONE, "--worker", "3", "--lines", "7")
     assert code == 0 and out == "step 7 loss 3.1\n"
     [ssh] = fake.calls()
     assert ssh[:8] == ["compute", "tpus", "tpu-vm", "ssh", "t1", "--worker=3", "--quiet", "--command"]
     assert 'tail -n 7 "$log"' in ssh[8] and 'log="$HOME/sophia-runs/current/worker.log"' in ssh[8]
+    code, out, err = sophia_tpu(capfd, "logs", "t1", "--zone", ZONE, "--follow")
+    assert code == 0 and 'tail -n 100 -F "$log"' in fake.calls()[-1][8]
 
 
 def test_delete_asks_first_unless_yes(fake, capfd, monkeypatch):
@@ -311,206 +392,76 @@ def test_delete_asks_first_unless_yes(fake, capfd, monkeypatch):
     assert fake.calls() == [tpu_vm("delete", "t1", "--quiet")]
 
 
-# ------------------------------------------------------------------------------------- babysit
-def babysit_args(path: Path, *extra: str) -> list[str]:
-    return ["babysit", "t1", "--zone", ZONE, "--type", "v3-8", "--preemptible", "--config", CONFIG_1_5B,
-            "--run_dir", "gs://b/runs/r1", "--repo", str(path), "--poll", "0.001", "--skip-fit-check",
-            "--data.cache", "gs://b/pile", *extra]
+# ------------------------------------------------------------------ dry runs: before money is spent
+DRY_RUNS = {
+    "create": ["--type", "v3-8", "--spot"],
+    "setup": [],
+    "launch": ["--config", CONFIG_1_5B, "--run_dir", "gs://b/runs/r1", "--data.cache", "gs://b/pile"],
+    "status": [],
+    "logs": ["--follow"],
+    "delete": [],
+    "babysit": ["--type", "v3-8", "--spot", "--config", CONFIG_1_5B, "--run_dir", "gs://b/runs/r1",
+                "--data.cache", "gs://b/pile", "--skip-fit-check"],
+    "plan": ["--type", "v3-8", "--queued", "--spot", "--config", CONFIG_1_5B, "--run_dir", "gs://b/runs/r1",
+             "--data.cache", "gs://b/pile", "--skip-fit-check"],
+}
 
 
-def stage(argv: list[str]) -> str:
-    """A call named by what it does, for comparing sequences."""
-    verb = argv[3]
-    if verb == "ssh":
-        return argv[8].splitlines()[0].split()[2]  # "# sophia-tpu launch ..." -> launch
-    return verb
-
-
-def test_babysit_recreates_after_each_preemption_until_the_run_finishes(fake, repo, capfd):
+@pytest.mark.parametrize("command", list(DRY_RUNS))
+def test_every_subcommand_dry_runs_calling_and_writing_nothing(command, repo, tmp_path):
+    """--dry-run (plan: always) prints commands bash can parse and runs none of them: a gcloud on PATH that
+    would record a call is never run, and nothing appears under HOME (~/.cache included)."""
     path, commit = repo
-    fake.script({
-        "describe": [say(f"{s}\n") for s in
-                     ["READY", "PREEMPTED", "READY", "READY", "PREEMPTED", "READY", "READY"]],
-        "ssh:sophia-tpu status": [say(job(0, "running")), say(job(0, "running")), say(job(0, "exited", "0"))],
-    })
-    code, out, err = sophia_tpu(capfd, *babysit_args(path))
-    assert code == 0, err
-    calls = fake.calls()
-    recreate = ["describe", "delete", "create", "describe", "scp", "setup", "scp", "launch"]
-    assert [stage(c) for c in calls] == (["describe", "status"] + recreate + ["describe", "status"] + recreate
-                                         + ["describe", "status"])
-    creates = [c for c in calls if c[3] == "create"]
-    assert len(creates) == 2 and all("--preemptible" in c for c in creates)
-    assert "run r1 finished" in err
+    home = tmp_path / "home"
+    home.mkdir()
+    environ = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "WANDB_API_KEY")}
+    environ.update(HOME=str(home), PATH=f"{FAKES}{os.pathsep}{os.environ['PATH']}",
+                   FAKE_GCLOUD_LOG=str(tmp_path / "calls"), FAKE_GCLOUD_STDIN=str(tmp_path / "stdin"),
+                   FAKE_GCLOUD_SCRIPT=str(tmp_path / "script"))
+    install = ["--repo", str(path)] if command in ("setup", "babysit", "plan") else []
+    result = subprocess.run([sys.executable, "-m", "infra.cli", command, "t1", "--zone", ZONE, "--dry-run",
+                             *DRY_RUNS[command], *install], env=environ, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [x for x in result.stdout.splitlines() if not x.startswith("#")]
+    assert lines and all(bash_argv(x) for x in lines)
+    assert not (tmp_path / "calls").exists()
+    assert sorted(p.relative_to(home) for p in home.rglob("*")) == []
+    if command == "launch":  # no --type: the describe, then one worker's launch
+        assert [bash_argv(x)[:6] for x in lines][0] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "t1"]
+        assert sum("--worker=0" in x for x in lines) == 1
+    if command == "babysit":
+        stages = [bash_argv(x)[4] if x.startswith("gcloud") else bash_argv(x)[0] for x in lines]
+        assert stages == ["describe", "create", "describe", "git", "scp", "ssh", "scp", "ssh", "ssh"]
 
 
-def test_babysit_creates_a_missing_vm_without_deleting_it(fake, repo, capfd):
-    path, commit = repo
-    fake.script({"describe": [say(stderr="ERROR: (gcloud.compute.tpus.tpu-vm.describe) NOT_FOUND: gone\n", exit=1),
-                              say("READY\n")],
-                 "ssh:sophia-tpu status": [say(job(0, "exited", "0"))]})
-    code, out, err = sophia_tpu(capfd, *babysit_args(path))
-    assert code == 0, err
-    assert [stage(c) for c in fake.calls()] == ["describe", "create", "describe", "scp", "setup", "scp", "launch",
-                                                "describe", "status"]
+def test_plan_launch_and_babysit_need_libtpu_here_for_the_fit_check(tmp_path, fake):
+    """Without libtpu the fit check cannot compile for the TPU: said before anything is created."""
+    shadow = tmp_path / "shadow" / "libtpu"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('libtpu is not installed (a test stand-in)')\n")
+    environ = {**os.environ, "PYTHONPATH": f"{shadow.parent}{os.pathsep}{ROOT}"}
+    for command in ("plan", "launch", "babysit"):
+        result = subprocess.run([sys.executable, "-m", "infra.cli", command, "t1", "--zone", ZONE, "--type", "v3-8",
+                                 "--config", CONFIG_1_5B, "--run_dir", "gs://b/runs/r1", "--data.cache", "gs://b/pile"],
+                                env=environ, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and "the fit check compiles the run for the slice here and needs " \
+            "libtpu" in result.stderr and "--skip-fit-check" in result.stderr
+    assert fake.calls() == []
 
 
-def test_babysit_gives_up_when_the_job_fails_past_its_retries(fake, repo, capfd):
-    path, commit = repo
-    fake.script({"describe": [say("READY\n")], "ssh:sophia-tpu status": [say(job(0, "exited", "1"))],
-                 "ssh:sophia-tpu logs": [say("step 10 loss 3.2\nValueError: boom\n")]})
-    code, out, err = sophia_tpu(capfd, *babysit_args(path, "--retries", "2"))
-    assert code == 1
-    calls = fake.calls()
-    assert [stage(c) for c in calls].count("launch") == 2
-    assert "run r1 failed 3 times (--retries 2); the last failure: worker 0 (h0) exited with status 1" in err
-    assert err.rstrip().endswith("step 10 loss 3.2\nValueError: boom")
-    assert calls[-1][5] == "--worker=0" and 'log="$HOME/sophia-runs/r1/worker.log"' in calls[-1][8]
-
-
+# ------------------------------------------------------------------------------- job records
 @pytest.mark.parametrize("lines, workers, verdict", [
     ([job(0, "running"), job(1, "exited", "1")], 2, "failed"),  # one host gone: the others would hang
     ([job(0, "running"), job(1, "died")], 2, "failed"),
     ([job(0, "running"), job(1, "exited", "0")], 2, "running"),
     ([job(0, "terminated", "0"), job(1, "terminated", "0")], 2, "stopped"),  # SIGTERM: saved, not finished
+    ([job(0, "terminated", "1"), job(1, "exited", "134")], 2, "stopped"),  # a non-zero exit after SIGTERM too
     ([job(0, "exited", "0"), job(1, "exited", "0")], 2, "finished"),
     ([job(0, "exited", "0")], 2, "absent"),
-    (["sophia-job host=h0 worker=- run=- state=none code=-\n"], 1, "absent"),
+    (["sophia-job host=h0 worker=- run=- state=none code=- run_dir=-\n"], 1, "absent"),
     ([job(0, "running", run="other")], 1, "busy"),
     ([job(0, "exited", "0", run="other")], 1, "absent"),
 ])
 def test_job_verdict(lines, workers, verdict):
     assert job_verdict(remote.parse_job_lines("".join(lines)), "r1", workers)[0] == verdict
-
-
-# ------------------------------------------------------------------ the scripts, run by bash here
-@pytest.fixture
-def home(tmp_path):
-    """A worker's HOME with sophia-jax "installed"; kills the jobs it started when the test ends."""
-    home = tmp_path / "home"
-    (home / "sophia-jax" / "venv" / "bin").mkdir(parents=True)
-    (home / "sophia-jax" / "src" / "abc").mkdir(parents=True)
-    (home / "sophia-jax" / "current").symlink_to(home / "sophia-jax" / "src" / "abc")
-    yield home
-    for pidfile in home.glob("sophia-runs/*/pid"):
-        try:
-            os.killpg(int(pidfile.read_text()), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-
-
-def trainer(home: Path, body: str) -> None:
-    path = home / "sophia-jax" / "venv" / "bin" / "sophia-train"
-    path.write_text("#!/usr/bin/env bash\n" + body)
-    path.chmod(0o755)
-
-
-def bash(script: str, home: Path, stdin: str = "") -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", script], input=stdin, capture_output=True, text=True, timeout=120,
-                          env={"HOME": str(home), "PATH": os.environ["PATH"]})
-
-
-def wait_for(condition, what: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.02)
-
-
-def launch_r(home: Path, run_id: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    (home / f"sophia-run-{run_id}.yaml").write_text("seed: 0\n")
-    env = env or {}
-    script = remote.launch_script(run_id, 0, f"gs://b/runs/{run_id}", ["--optimizer.rho", "0.1"], list(env),
-                                  distributed=True)
-    return bash(script, home, remote.env_payload(list(env), env))
-
-
-def job_state(home: Path) -> dict[str, str]:
-    [record] = remote.parse_job_lines(bash(remote.status_script(), home).stdout)
-    return record
-
-
-def test_all_scripts_are_valid_bash():
-    for script in [remote.setup_script("abc", "a.tar.gz", "python3.11"), remote.setup_script("abc", "a", "/opt/py"),
-                   remote.launch_script("r1", 0, "gs://b/r1", ["--a.b", "it's"], ["K"], distributed=True),
-                   remote.status_script(), remote.log_script(5, "r1")]:
-        result = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
-
-
-def test_launched_job_gets_the_secret_detaches_and_records_its_exit_status(home):
-    trainer(home, 'echo "args: $* distributed=$SOPHIA_DISTRIBUTED"\n'
-                  '[ "$WANDB_API_KEY" = s3cr3t-value ] && echo "the key arrived"\nexit 3\n')
-    result = launch_r(home, "r1", {"WANDB_API_KEY": SECRET})
-    assert result.returncode == 0, result.stderr
-    run = home / "sophia-runs" / "r1"
-    wait_for(lambda: (run / "exit_status").exists(), "the job's exit status")
-    assert (run / "exit_status").read_text() == "3\n"
-    log = (run / "worker.log").read_text()
-    assert f"args: --config {run}/config.yaml --run_dir gs://b/runs/r1 --optimizer.rho 0.1 distributed=1" in log
-    assert "the key arrived" in log
-    assert (run / "config.yaml").read_text() == "seed: 0\n" and not (home / "sophia-run-r1.yaml").exists()
-    assert {k: v for k, v in job_state(home).items() if k != "host"} == {
-        "worker": "0", "run": "r1", "state": "exited", "code": "3"}
-    written = [f for f in (home / "sophia-runs").rglob("*") if f.is_file()]  # all that launch and the job wrote
-    assert len(written) >= 5 and all(SECRET not in f.read_text(errors="replace") for f in written)
-
-
-def test_a_sigterm_is_recorded_and_a_new_launch_stops_the_running_job(home):
-    trainer(home, 'trap "echo saved; exit 0" TERM\necho started\nsleep 600 & wait\n')
-    assert launch_r(home, "r1").returncode == 0
-    assert job_state(home)["state"] == "running"
-    wait_for(lambda: "started" in (home / "sophia-runs" / "r1" / "worker.log").read_text(), "r1's trap")
-    result = launch_r(home, "r2")  # r1 still runs: launch stops it (SIGTERM, it "saves"), then starts r2
-    assert result.returncode == 0, result.stderr
-    assert "stopping the job running as process group" in result.stdout
-    r1 = home / "sophia-runs" / "r1"
-    assert (r1 / "exit_status").read_text() == "0\n" and (r1 / "signal").exists()
-    assert "saved" in (r1 / "worker.log").read_text()
-    assert job_state(home)["run"] == "r2" and job_state(home)["state"] == "running"
-    wait_for(lambda: "started" in (home / "sophia-runs" / "r2" / "worker.log").read_text(), "r2's trap")
-    os.killpg(int((home / "sophia-runs" / "r2" / "pid").read_text()), signal.SIGTERM)  # a preemption notice
-    wait_for(lambda: (home / "sophia-runs" / "r2" / "exit_status").exists(), "r2's exit status")
-    assert {k: job_state(home)[k] for k in ("run", "state", "code")} == {"run": "r2", "state": "terminated",
-                                                                          "code": "0"}
-
-
-def test_launch_leaves_a_process_that_is_not_its_job_alone(home):
-    other = subprocess.Popen(["sleep", "600"], start_new_session=True)  # a stale pid file may name any process
-    try:
-        (home / "sophia-runs" / "old").mkdir(parents=True)
-        (home / "sophia-runs" / "old" / "pid").write_text(f"{other.pid}\n")
-        trainer(home, "exit 0\n")
-        assert launch_r(home, "r1").returncode == 0
-        assert other.poll() is None
-    finally:
-        other.kill()
-        other.wait()
-        (home / "sophia-runs" / "old" / "pid").unlink()
-
-
-def test_launch_refuses_a_cut_short_stdin_without_starting(home):
-    trainer(home, "exit 0\n")
-    (home / "sophia-run-r1.yaml").write_text("seed: 0\n")
-    script = remote.launch_script("r1", 0, "gs://b/runs/r1", [], ["WANDB_API_KEY"], distributed=False)
-    result = bash(script, home, "WANDB_API_KEY=abc\n")  # no end line: an ssh retry may have eaten it
-    assert result.returncode == 3
-    assert "stdin ended before the environment did" in result.stderr and "abc" not in result.stderr
-    assert not (home / "sophia-runs" / "r1").exists()
-
-
-def test_setup_script_skips_a_commit_that_is_installed(home):
-    (home / "sophia-jax" / "current").unlink()
-    src = home / "sophia-jax" / "src" / "c0ffee"
-    src.mkdir(parents=True)
-    (src / ".sophia-installed").touch()
-    (home / "sophia-jax" / "current").symlink_to(src)
-    python = home / "sophia-jax" / "venv" / "bin" / "python"
-    python.write_text("#!/usr/bin/env bash\nexit 0\n")  # imports work
-    python.chmod(0o755)
-    (home / "a.tar.gz").write_text("unused")
-    result = bash(remote.setup_script("c0ffee", "a.tar.gz", "python3.11"), home)
-    assert result.returncode == 0, result.stderr
-    assert "c0ffee is already installed" in result.stdout and not (home / "a.tar.gz").exists()
-    result = bash(remote.setup_script("beef", "a.tar.gz", "python3.11"), home)  # not installed, archive gone
-    assert result.returncode == 3 and "a.tar.gz is missing; run sophia-tpu setup again" in result.stderr

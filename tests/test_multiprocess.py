@@ -1,7 +1,8 @@
 """`sophia-train` as several JAX processes (2 local processes x 4 CPU devices, a localhost coordinator,
 gloo collectives) against one process with 8 devices: the same losses and params, each process reading
 only its own half of every batch, one SIGTERM stopping both at the same step, and the resume finishing
-the run. Also: the multi-process settings are validated with one-line errors."""
+the run. Time-based checkpoints and the run directory's lease are decided once, on process 0, for both.
+Also: the multi-process settings are validated with one-line errors."""
 
 import json
 import os
@@ -52,11 +53,12 @@ def env(devices: int, compile_cache_env: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def start_processes(run_dir: Path, corpus: Path, compile_cache_env: dict[str, str]) -> list[subprocess.Popen]:
+def start_processes(run_dir: Path, corpus: Path, compile_cache_env: dict[str, str],
+                    *extra: str) -> list[subprocess.Popen]:
     """Process 0 and process 1 of one run, 4 CPU devices each, meeting at a localhost coordinator."""
     port = free_port()
     return [subprocess.Popen(command(run_dir, corpus, "--mesh.coordinator_address", f"127.0.0.1:{port}",
-                                     "--mesh.num_processes", "2", "--mesh.process_id", str(i)),
+                                     "--mesh.num_processes", "2", "--mesh.process_id", str(i), *extra),
                              env=env(4, compile_cache_env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                              text=True)
             for i in range(2)]
@@ -188,6 +190,44 @@ def test_two_processes_match_one_stop_together_and_read_only_their_rows(tmp_path
         assert ref_reads[kind] > 0
         assert [sum(s[kind] for s in p) for p in per] == [ref_reads[kind] // 2] * 2
         assert sum(s[digest] for p in per for s in p) & mask == ref_reads[digest]
+
+
+def test_time_based_checkpoints_are_decided_once_for_both_processes(tmp_path, corpus, compile_cache_env):
+    """Issue 17: each process read `checkpoint.every_minutes` off its own clock, so one waited in the save's
+    barrier while the other trained on, and both hung. Saving every 1.2 s over 60 steps, logging every 10th
+    (so that the hosts dispatch steps ahead at their own pace, as on a pod), both must finish; a hang fails
+    the test at the timeout (the processes are killed)."""
+    run_dir = tmp_path / "run"
+    processes = start_processes(run_dir, corpus, compile_cache_env, "--trainer.num_train_steps", "60",
+                                "--checkpoint.every_minutes", "0.02", "--trainer.eval_every", "0",
+                                "--trainer.log_every", "10")
+    errors = finish(processes, timeout=240)
+    assert [p.returncode for p in processes] == [0, 0], errors[0][-3000:] + errors[1][-3000:]
+    assert [r["step"] for r in records(run_dir)] == list(range(10, 61, 10))
+    assert Checkpointer(run_dir / "checkpoints").steps()[-1] == 60
+
+
+def test_both_processes_refuse_a_run_directory_another_live_run_holds(tmp_path, corpus, compile_cache_env):
+    """The lease is taken by process 0 and its verdict shared: both processes exit 2 with the holder named,
+    before either reads or writes anything in the run directory."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from trainer.lease import Lease; "
+                               "Lease(sys.argv[1], 20).acquire(); print('held', flush=True); time.sleep(600)",
+                               str(run_dir)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        owner = json.loads((run_dir / "lease.json").read_text())["owner"]
+        processes = start_processes(run_dir, corpus, compile_cache_env, "--checkpoint.lease_minutes", "0.33")
+        errors = finish(processes, timeout=300)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [p.returncode for p in processes] == [2, 2], errors
+    for err in errors:
+        assert f"sophia-train: {run_dir} is in use by run {owner['run']} (host {owner['host']}, pid {holder.pid}" \
+            in err, err[-2000:]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lease.lock", "lease.json"]  # the holder's; nothing else
 
 
 def test_multi_process_settings_come_from_flags_or_environment_and_are_checked():

@@ -186,3 +186,127 @@ def test_wandb_offline_resumes_the_same_run_id(tmp_path):
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all([p.name for p in r.glob("run-*.wandb")] == [f"run-{run_id}.wandb"] for r in runs)
     assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+# ------------------------------------------------- issue 17: resume_from, one writer, fresh restarts
+def test_a_relaunch_continues_from_its_own_checkpoints_not_resume_from(tmp_path, corpus, straight, env):
+    """`resume_from` applies only while the run directory has no checkpoint of its own: the relaunch after a
+    preemption (the same command, `resume_from` included, as sophia-tpu relaunches it) continues from the
+    run's newest step and sets nothing aside."""
+    fork = tmp_path / "fork"
+    again = command(fork, corpus, "--resume_from", str(straight / "checkpoints" / "35"))
+    process = subprocess.Popen(again, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: last_step(fork) >= 37, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-3000:]
+    own = Checkpointer(fork / "checkpoints").steps()
+    assert own and own[-1] >= 37
+    result = subprocess.run(again, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    if own[-1] < STEPS:
+        assert f"resuming from {fork / 'checkpoints'}/{own[-1]}" in result.stderr, result.stderr[-3000:]
+    assert "applies only to a run directory without any" in result.stderr
+    assert not [p.name for p in (fork / "checkpoints").iterdir() if "unrestorable" in p.name]
+    assert records(fork) == records(straight)[35:]  # steps 36..40, once each, the same values
+    assert_same_final_state(fork, straight, STEPS)
+
+
+def test_a_second_run_into_a_run_directory_exits_2_naming_the_first(tmp_path, corpus, straight, env):
+    """The second run watches the first one's lease (renewed every 5 s), sees it renewed, and exits 2 having
+    changed nothing; the first one finishes as if alone."""
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(command(run_dir, corpus), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        wait_for(lambda: (run_dir / "config.yaml").exists(), first)  # set up; compiling and training next
+        second = run(env, run_dir, corpus)  # the same command, started twice
+        _, stderr = first.communicate(timeout=600)
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2
+    [line] = [x for x in second.stderr.splitlines() if x.startswith("sophia-train:")]
+    assert f"sophia-train: {run_dir} is in use by run " in line and f"pid {first.pid}, started " in line, line
+    assert first.returncode == 0, stderr[-3000:]
+    assert_identical(run_dir, straight)  # every step once, the first run's checkpoints
+    assert not [p.name for p in (run_dir / "checkpoints").iterdir() if "unrestorable" in p.name]
+    assert json.loads((run_dir / "lease.json").read_text())["released"]
+
+
+def test_a_restart_that_finds_no_checkpoint_starts_metrics_afresh(tmp_path, corpus, straight, env):
+    """Killed before its first checkpoint (step 5), a run starts again from step 0: metrics.jsonl must not
+    keep the killed attempt's lines (steps 1, 2, 3, 1, 2, 3, 4, ...)."""
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(command(run_dir, corpus), env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: last_step(run_dir) >= 3, process)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert not (run_dir / "checkpoints").exists() or not Checkpointer(run_dir / "checkpoints").steps()
+    result = run(env, run_dir, corpus)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_identical(run_dir, straight)
+    assert "a fresh start: dropped the" in result.stderr
+
+
+def test_wandb_is_rewound_to_the_step_a_run_resumes_from(tmp_path):
+    """Resumed from its checkpoint at step 5 after logging 8 steps, a run logs 6..10 again. wandb ignores steps
+    below its current one, so without a rewind its charts would keep the abandoned 6..8 while metrics.jsonl
+    holds the new ones; a restart that found no checkpoint rewinds to 0. What a wandb server holds after
+    syncing the offline files must equal metrics.jsonl."""
+    from trainer.checkpoint import trim_metrics
+    from wandb_files import served_history
+
+    def session(start: int, stop: int, offset: float) -> None:
+        writer = MetricsWriter(tmp_path, config={}, total_steps=10, start_step=start, wandb_mode="offline",
+                               progress=False)
+        for step in range(start + 1, stop + 1):
+            writer.log(step, {"train/loss": offset + step})
+        writer.close()
+
+    session(0, 8, 0.0)
+    trim_metrics(tmp_path / "metrics.jsonl", 5)  # what resume() does for the checkpoint at step 5
+    session(5, 10, 100.0)
+    logged = {json.loads(line)["step"]: json.loads(line)["train/loss"]
+              for line in (tmp_path / "metrics.jsonl").read_text().splitlines()}
+    assert logged == {**{s: float(s) for s in range(1, 6)}, **{s: 100.0 + s for s in range(6, 11)}}
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2
+    assert served_history(files, "train/loss") == logged
+
+    trim_metrics(tmp_path / "metrics.jsonl", 0)  # a restart that found no checkpoint
+    session(0, 3, 200.0)
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert served_history(files, "train/loss") == {s: 200.0 + s for s in range(1, 4)}
+
+
+def test_a_run_stalled_past_its_lease_stops_once_another_run_took_it_over(tmp_path, corpus, env):
+    """Paused (SIGSTOP) longer than checkpoint.lease_minutes, a run loses its run directory to the run that
+    took the lease over; continued, it stops at its next decision step without saving (exit 2, one line)
+    and leaves the new holder's lease alone."""
+    from trainer.lease import Lease
+
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(command(run_dir, corpus, "--checkpoint.lease_minutes", "0.05",
+                                       "--checkpoint.decide_every", "1", "--trainer.num_train_steps", "400"),
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: last_step(run_dir) >= 3, process)
+        os.kill(process.pid, signal.SIGSTOP)
+        try:
+            taker = Lease(run_dir, 3.0)
+            taker.acquire()  # not renewed for 3 s: taken over
+        finally:
+            os.kill(process.pid, signal.SIGCONT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 2, stderr[-3000:]
+    [line] = [x for x in stderr.splitlines() if x.startswith("sophia-train:")]
+    assert f"without saving it: run {taker.owner['run']} (host " in line and "took over the lease of" in line
+    assert last_step(run_dir) < 400
+    lease = json.loads((run_dir / "lease.json").read_text())
+    assert lease["owner"]["run"] == taker.owner["run"] and not lease["released"]
+    taker.release()

@@ -68,6 +68,12 @@ class CheckpointConfig:
     """...plus, forever, those whose step is a multiple of this (None: none)."""
     async_save: bool = True
     """Write in a background thread; the step loop only waits for the device-to-host copy."""
+    decide_every: int = 10
+    """Every this many steps process 0 reads its clock and every process follows it: whether `every_minutes`
+    has passed, whether the run directory's lease still holds (one small host collective on a pod)."""
+    lease_minutes: float = 3.0
+    """A run directory's lease (trainer/lease.py) not renewed for this long is taken over: its run died.
+    The running run renews it every 5 s (a tenth of this when shorter)."""
 
     def __post_init__(self) -> None:
         if self.keep < 1:
@@ -76,6 +82,10 @@ class CheckpointConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"checkpoint.{name}={value}; use a positive step count or null")
+        if self.decide_every < 1:
+            raise ValueError(f"checkpoint.decide_every={self.decide_every}; use a positive step count")
+        if not self.lease_minutes > 0:
+            raise ValueError(f"checkpoint.lease_minutes={self.lease_minutes}; use a positive number of minutes")
 
 
 class Checkpointer:
@@ -100,12 +110,15 @@ class Checkpointer:
         except Exception as error:
             raise CheckpointReadError(self.directory, error, listing=True) from error
 
-    def due(self, step: int) -> bool:
-        """Whether the policy asks for a checkpoint after `step`."""
-        cfg = self.config
-        by_steps = cfg.every_steps is not None and step % cfg.every_steps == 0
-        by_time = cfg.every_minutes is not None and self._clock() - self._last_save >= 60 * cfg.every_minutes
-        return by_steps or by_time
+    def due_by_steps(self, step: int) -> bool:
+        """Whether `every_steps` asks for a checkpoint after `step` (the same answer on every process)."""
+        return self.config.every_steps is not None and step % self.config.every_steps == 0
+
+    def due_by_time(self) -> bool:
+        """Whether `every_minutes` have passed since this process's last save, by its own clock: with several
+        processes only process 0's answer counts, shared with the others (trainer/train.py)."""
+        minutes = self.config.every_minutes
+        return minutes is not None and self._clock() - self._last_save >= 60 * minutes
 
     def save(self, step: int, state: Any, extras: Mapping[str, Any]) -> None:
         """Starts saving (asynchronously unless configured otherwise); returns once arrays are on the host."""
@@ -135,12 +148,20 @@ class Checkpointer:
         """The newest checkpoint that restores, skipping provably damaged ones with a warning; None if
         there is none. Raises CheckpointReadError, changing nothing, when one cannot be read for another
         reason (storage, permissions, network)."""
-        for step in reversed(self.steps()):
+        found = self._restore_newest(abstract_state, self.steps())
+        return None if found is None else found[:3]
+
+    def _restore_newest(self, abstract_state: Any,
+                        steps: list[int]) -> tuple[int, Any, dict[str, Any], list[int]] | None:
+        """`restore_latest` over `steps`, also returning the steps it found damaged (None when all are)."""
+        damaged = []
+        for step in reversed(steps):
             try:
-                return (step, *self.restore_agreed(step, abstract_state))
-            except CheckpointDamaged as damaged:
+                return (step, *self.restore_agreed(step, abstract_state), damaged)
+            except CheckpointDamaged as error:
                 logger.warning("checkpoint %s/%d is damaged (%s); trying the one before it",
-                               self.directory, step, failure_reason(damaged))
+                               self.directory, step, failure_reason(error))
+                damaged.append(step)
         return None
 
     def restore_agreed(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
@@ -162,10 +183,10 @@ class Checkpointer:
                 error or RuntimeError("another process found it damaged"))
         return state, extras
 
-    def set_aside_after(self, step: int) -> list[int]:
-        """Renames the checkpoints newer than `step` (damaged ones, or with --resume_from a later future)
-        to `<step>.unrestorable`, so that the resumed run can save those steps again; returns them."""
-        newer = [s for s in self.steps() if s > step]
+    def set_aside(self, damaged: list[int], step: int) -> None:
+        """Renames the checkpoints `damaged` (each found damaged by every process; never one that restores) to
+        `<step>.unrestorable`, so that the run resuming from `step` can save those steps again."""
+        newer = sorted(damaged)
         if newer and jax.process_index() == 0:
             for s in newer:
                 path, n = self.directory / str(s), 0
@@ -180,7 +201,6 @@ class Checkpointer:
 
             multihost_utils.sync_global_devices("sophia-jax: checkpoints set aside")
             self._manager.reload()
-        return newer
 
     def wait(self) -> None:
         """Blocks until every started save is complete on disk."""
@@ -399,11 +419,13 @@ def resume(checkpointer: Checkpointer, abstract_state: Any, config: Mapping[str,
            resume_from: str | None = None, metrics_path: str | os.PathLike | None = None) -> Resumed | None:
     """Restores the state a run continues from, or returns None for a fresh run.
 
-    Finds the checkpoint (`resume_from`, else the newest in `checkpointer`'s directory), refuses a config
-    whose `fields` differ from the checkpoint's (before reading any array), restores it onto
-    `abstract_state`'s shardings (falling back past provably damaged ones), sets aside the checkpoints
-    after the restored step (so the resumed run can write those steps again) and trims `metrics_path` of
-    the lines written after it. The data-loader position is `extras["loader"]`.
+    Finds the checkpoint: the newest in `checkpointer`'s directory (the run's own), else `resume_from`'s
+    (which applies only while the run has no checkpoint of its own: a relaunch after a preemption continues
+    from the run's newest step, never back at `resume_from`). Refuses a config whose `fields` differ from the
+    checkpoint's (before reading any array), restores it onto `abstract_state`'s shardings (falling back past
+    provably damaged ones, which are set aside so the resumed run can write those steps again; nothing else
+    is) and trims `metrics_path` of the lines written after it - of every line for a fresh run, which
+    follows only attempts that left no checkpoint. The data-loader position is `extras["loader"]`.
 
     Raises:
       ValueError: the config changed a field of `fields`, or no checkpoint restores.
@@ -411,10 +433,17 @@ def resume(checkpointer: Checkpointer, abstract_state: Any, config: Mapping[str,
       CheckpointReadError: a checkpoint could not be read for a reason other than damage; nothing changed.
     """
     fields = dict(fields) if isinstance(fields, Mapping) else list(fields)
+    own = checkpointer.steps()
+    if own and resume_from is not None:
+        logger.info("%s holds checkpoints of its own (the newest: step %d): continuing from them; --resume_from %s "
+                    "applies only to a run directory without any (to start again from it, use a new --run_dir)",
+                    checkpointer.directory, own[-1], resume_from)
+        resume_from = None
     source, wanted = _source(checkpointer, resume_from)
     try:
-        steps = source.steps()
+        steps = own if source is checkpointer else source.steps()
         if not steps:
+            _trim(metrics_path, 0)
             return None
         newest = wanted if wanted is not None else steps[-1]
         try:  # before restoring, so that a changed shape is refused rather than read as damage
@@ -425,29 +454,41 @@ def resume(checkpointer: Checkpointer, abstract_state: Any, config: Mapping[str,
             saved = None  # damaged: restoring falls back past it, with a warning
         if saved is not None:
             check_resumable(saved, config, fields)
+        damaged: list[int] = []
         if wanted is not None:
             try:
                 restored = (wanted, *source.restore_agreed(wanted, abstract_state))
-            except CheckpointDamaged as damaged:
-                raise ValueError(f"{damaged} ({failure_reason(damaged)}); pass another --resume_from") from damaged
+            except CheckpointDamaged as error:
+                raise ValueError(f"{error} ({failure_reason(error)}); pass another --resume_from") from error
         else:
-            restored = source.restore_latest(abstract_state)
-            if restored is None:
+            found = source._restore_newest(abstract_state, steps)
+            if found is None:
                 raise ValueError(f"none of the checkpoints in {source.directory} ({', '.join(map(str, steps))}) "
                                  "could be restored (see the warnings above); move them away or use another "
                                  "--run_dir")
+            *restored, damaged = found
     finally:
         if source is not checkpointer:
             source.close()
     step, state, extras = restored
     check_resumable(extras["config"], config, fields)
     logger.info("resuming from %s/%d", source.directory, step)
-    checkpointer.set_aside_after(step)
-    if metrics_path is not None and jax.process_index() == 0:
-        dropped = trim_metrics(metrics_path, step)
-        if dropped:
-            logger.info("dropped %d metrics line(s) written after step %d", dropped, step)
+    if source is checkpointer:
+        checkpointer.set_aside(damaged, step)
+    _trim(metrics_path, step)
     return Resumed(step, state, extras, source.directory / str(step))
+
+
+def _trim(metrics_path: str | os.PathLike | None, step: int) -> None:
+    """Process 0 drops the metrics lines after `step` (all of them for a fresh start at 0)."""
+    if metrics_path is None or jax.process_index() != 0:
+        return
+    dropped = trim_metrics(metrics_path, step)
+    if dropped and step == 0:
+        logger.info("a fresh start: dropped the %d metrics line(s) of an earlier attempt that saved no checkpoint",
+                    dropped)
+    elif dropped:
+        logger.info("dropped %d metrics line(s) written after step %d", dropped, step)
 
 
 class PreemptionGuard:

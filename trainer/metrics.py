@@ -112,7 +112,8 @@ class MetricsWriter:
 
     wandb keeps its own files on a local disk: `wandb_dir`, else the run directory when it is local, else
     `~/.cache/sophia-jax/wandb/gs/<bucket>/<prefix>` (trainer.storage.local_dir_for). The run id lives in
-    `<run_dir>/wandb_id`, so a resumed run on any machine continues the same wandb run.
+    `<run_dir>/wandb_id`, so a resumed run on any machine continues the same wandb run, rewound to
+    `start_step` (`_start_wandb`): its charts hold what metrics.jsonl holds.
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, config: dict[str, Any], total_steps: int, start_step: int = 0,
@@ -131,16 +132,11 @@ class MetricsWriter:
         self._progress = Progress(total_steps, start_step) if self.enabled and progress else None
         self._wandb = None
         if self.enabled and wandb_mode != "disabled":
-            import wandb
-
-            # One wandb run per run directory: a resumed run continues the same id (and its charts).
-            id_file = epath.Path(run_dir) / "wandb_id"
-            run_id = (storage.read_text_if_exists(id_file) or "").strip() or secrets.token_hex(4)
-            storage.write_text(id_file, run_id)
             local = storage.local_dir_for(run_dir, "wandb") if wandb_dir is None else epath.Path(wandb_dir)
             local.mkdir(parents=True, exist_ok=True)
-            self._wandb = wandb.init(project=wandb_project, name=name, dir=str(local), config=config,
-                                     mode=wandb_mode, id=run_id, resume="allow", tags=tags or None)
+            self._wandb = _start_wandb(epath.Path(run_dir) / "wandb_id", start_step, project=wandb_project,
+                                       name=name, dir=str(local), config=config, mode=wandb_mode,
+                                       tags=tags or None)
 
     def advance(self, steps: int = 1) -> None:
         if self._progress is not None:
@@ -176,10 +172,11 @@ class MetricsWriter:
             self._unflushed = False
         self._last_flush = self._clock()
 
-    def close(self) -> None:
+    def close(self, flush: bool = True) -> None:
+        """Ends the writer; `flush=False` leaves metrics.jsonl as it is (the run directory is no longer ours)."""
         if self._progress is not None:
             self._progress.close()
-        if self.enabled:
+        if self.enabled and flush:
             self.flush()
         if self._file is not None:
             self._file.close()
@@ -187,3 +184,31 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _start_wandb(id_file: epath.Path, start_step: int, **init: Any) -> Any:
+    """The run directory's wandb run: a new one, or the one `id_file` names rewound to `start_step`.
+
+    A run resumed from the checkpoint at step S logs S+1, S+2, ... again, while wandb keeps what it logged
+    past S and ignores steps below its current one: its charts would keep the abandoned trajectory. So a
+    resumed run rewinds (`resume_from="<id>?_step=S"`: history after S dropped, logging continues at S+1;
+    S = 0 for a restart that found no checkpoint), which wandb records in the run's branch point (offline
+    files included). Where the server refuses a rewind (a preview feature on some accounts), the run
+    continues the same id with a warning, as before.
+    """
+    import wandb
+
+    run_id = (storage.read_text_if_exists(id_file) or "").strip()
+    if not run_id:
+        run_id = secrets.token_hex(4)
+        storage.write_text(id_file, run_id)
+        return wandb.init(id=run_id, **init)
+    try:
+        return wandb.init(resume_from=f"{run_id}?_step={start_step}", **init)
+    except wandb.errors.Error as error:
+        import logging
+
+        logging.getLogger(__name__).warning("wandb did not rewind run %s to step %d (%s); continuing it as it is: "
+                                            "its charts may show steps after %d twice", run_id, start_step,
+                                            error, start_step)
+        return wandb.init(id=run_id, resume="allow", **init)

@@ -80,6 +80,10 @@ class MeshConfig:
     """How many processes take part (with coordinator_address); also JAX_NUM_PROCESSES."""
     process_id: int | None = None
     """This process's index in [0, num_processes) (with coordinator_address); also JAX_PROCESS_ID."""
+    heartbeat_timeout_seconds: int = 100
+    """JAX's coordination service declares a process dead after this long without its heartbeat and stops
+    the others (a lost host must not leave its peers waiting in a collective forever); also how long a
+    process that ends waits for the others at shutdown."""
 
     def sizes(self, num_devices: int) -> tuple[int, int, int]:
         """(data, fsdp, model) with -1 resolved; raises when they do not multiply to num_devices."""
@@ -148,7 +152,8 @@ def maybe_initialize_distributed(config: MeshConfig) -> None:
     any other JAX use; a second call in the same process does nothing)."""
     args = distributed_args(config)
     if args is not None and not jax.distributed.is_initialized():
-        jax.distributed.initialize(**args)
+        jax.distributed.initialize(**args, heartbeat_timeout_seconds=config.heartbeat_timeout_seconds,
+                                   shutdown_timeout_seconds=config.heartbeat_timeout_seconds)
 
 
 def make_mesh(config: MeshConfig, devices: list | None = None) -> Mesh:

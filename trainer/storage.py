@@ -8,13 +8,20 @@ from a disk in ways the trainer must respect:
   - fsspec's `isfile`/`isdir` answer False when the storage cannot be reached, which would read an outage
     as "missing": existence is decided by reading and catching FileNotFoundError only;
   - gcsfs caches directory listings, which other hosts' and tensorstore's writes do not invalidate:
-    `configure()` turns that cache off before the first gs:// access.
+    `configure()` turns that cache off before the first gs:// access;
+  - gcsfs (2026.x) by default asks the Storage Control API (gRPC) for each bucket's layout before it
+    touches the bucket, to support zonal and hierarchical-namespace buckets; a failed lookup is not
+    cached, logs a warning and is retried for up to 60 s on every call. The trainer gains nothing from it
+    (its arrays go through tensorstore's JSON API, which has no zonal-bucket support, and a
+    hierarchical-namespace bucket works through the JSON API too), so `configure()` keeps gcsfs's JSON API
+    filesystem unless GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT is set explicitly.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import sys
 import uuid
 from pathlib import Path
 
@@ -37,11 +44,18 @@ def describe(error: BaseException) -> str:
 
 def configure() -> None:
     """Turns off gcsfs's directory-listing cache (it would hide checkpoints that tensorstore or another
-    host wrote, or still list one set aside). Call before the first gs:// access of the process."""
+    host wrote, or still list one set aside) and its bucket-layout probe (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT
+    false unless set: see the module docstring). Call before the first gs:// access of the process."""
     import fsspec
 
     for protocol in ("gs", "gcs"):
         fsspec.config.conf.setdefault(protocol, {})["use_listings_cache"] = False
+    os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # read when gcsfs is imported
+    if "gcsfs" in sys.modules and os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"].lower() not in ("true", "1"):
+        import gcsfs.core  # imported before this call: name the JSON API filesystem explicitly
+
+        for protocol in ("gs", "gcs"):
+            fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
 
 
 def is_remote(path: str | os.PathLike) -> bool:

@@ -33,8 +33,10 @@ from datetime import datetime
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 import yaml
 from etils import epath
+from jax.experimental import multihost_utils
 
 from trainer import sharding, storage
 from trainer.checkpoint import Checkpointer, CheckpointReadError, PreemptionGuard, resume
@@ -42,6 +44,7 @@ from trainer.config import TrainConfig, build_config, load_values, parse_args, t
 from trainer.data.config import open_dataset
 from trainer.data.loader import BatchLoader, EvalBatches, batch_shards
 from trainer.fit import fit_microbatches
+from trainer.lease import Lease, LeaseLost, take as take_lease
 from trainer.metrics import MetricsWriter, peak_flops
 from trainer.models import flops_per_token, num_params
 from trainer.models import hf
@@ -74,6 +77,13 @@ class Run(NamedTuple):
     hessian_loader: BatchLoader | None  # Sophia-G's estimator batches: the j-th refresh reads batch j
     eval_batches: EvalBatches | None
     checkpointer: Checkpointer
+    lease: Lease | Any = None  # the run directory's (trainer/lease.py), held until run_loop ends
+
+    def close(self) -> None:
+        """Ends a run that will not loop (or has): its checkpoints written, its lease released."""
+        self.checkpointer.close()
+        if self.lease is not None:
+            self.lease.release()
 
 
 def setup(config: TrainConfig, name: str = "run") -> Run:
@@ -92,6 +102,17 @@ def setup(config: TrainConfig, name: str = "run") -> Run:
         logger.warning("run_dir %s is local: every process must see the same directory (one machine or a shared "
                        "filesystem); on a pod use gs://", run_dir)
     _make_run_dir(run_path)
+    # One run at a time in a run directory: taken before anything there is read or changed.
+    lease = take_lease(run_path, 60 * config.checkpoint.lease_minutes)
+    try:
+        return _build(config, run_dir, run_path, mesh, lease)
+    except BaseException:
+        lease.release()
+        raise
+
+
+def _build(config: TrainConfig, run_dir: str, run_path: epath.Path, mesh: jax.sharding.Mesh, lease: Any) -> Run:
+    """The rest of `setup`, under the run directory's lease."""
     # The run directory is read first: a storage outage stops the run here, before the data loads.
     checkpointer = Checkpointer(run_path / "checkpoints", config.checkpoint)
     try:
@@ -145,7 +166,7 @@ def setup(config: TrainConfig, name: str = "run") -> Run:
                                    max_batches=tc.eval_batches, sharding=trainer.batch_sharding)
     logger.info("run_dir %s | %s | mesh %s | %.2fM params | %s", run_dir, config.optimizer.type,
                 dict(mesh.shape), num_params(model) / 1e6, train_data)
-    return Run(config, trainer, state, start_step, loader, hessian_loader, eval_batches, checkpointer)
+    return Run(config, trainer, state, start_step, loader, hessian_loader, eval_batches, checkpointer, lease)
 
 
 def _make_run_dir(path: epath.Path) -> None:
@@ -232,9 +253,53 @@ class _Throughput:
         return {"throughput/tokens_per_second": tps, "throughput/mfu": mfu}
 
 
+class _Agreed:
+    """The decisions that depend on a clock and lead to a collective - save because `every_minutes` passed,
+    stop because another run took the run directory's lease - taken by process 0 every
+    `checkpoint.decide_every` steps and followed by every process (a process deciding on its own clock
+    would wait alone in a save's barrier while the others train on: issue 17's hang). One broadcast of two
+    integers at those steps on several processes; none at the others."""
+
+    def __init__(self, checkpointer: Checkpointer, lease: Any, every: int):
+        self.checkpointer, self.lease, self.every = checkpointer, lease, every
+
+    def at(self, step: int) -> tuple[bool, bool]:
+        """(save now by time, the lease is lost) after `step`: the same on every process."""
+        if step % self.every:
+            return False, False
+        lost = self.lease is not None and self.lease.lost is not None
+        verdict = np.array([self.checkpointer.due_by_time(), lost], np.int32)
+        if jax.process_count() > 1:
+            verdict = np.asarray(multihost_utils.broadcast_one_to_all(verdict))
+        return bool(verdict[0]), bool(verdict[1])
+
+
+def _compile_together(run: Run) -> None:
+    """With several processes: each compiles the steps before the first one runs, then all meet at a
+    barrier of JAX's coordination service (no device collective), so that none enters the steps'
+    collectives while another is still compiling. Gloo (CPU) gives every new communicator 30 s for all
+    processes to join, which an unequal compile under load outlasts (seen here after a resume:
+    "Gloo context initialization failed: DEADLINE_EXCEEDED"). The jitted steps reuse these executables."""
+    if jax.process_count() == 1:
+        return
+    import orbax.checkpoint as ocp
+
+    trainer = run.trainer
+    steps = ["train"] + (["hessian"] if trainer.sophia and not trainer.cond_mode else [])
+    steps += ["eval"] if run.eval_batches is not None else []
+    for which in steps:
+        trainer.lower(which).compile()
+    ocp.multihost.sync_global_processes("sophia-jax: steps compiled", processes=set(range(jax.process_count())),
+                                        timeout=3600)
+
+
 def run_loop(run: Run) -> dict[str, Any]:
     """Trains from run.start_step to the end (or to a SIGTERM/SIGINT, after which it saves and returns).
-    Returns the last logged record; `record["preempted"]` names the signal if one stopped the run."""
+    Returns the last logged record; `record["preempted"]` names the signal if one stopped the run.
+
+    Raises:
+      LeaseLost: another run took the run directory over; this one stopped without writing more.
+    """
     config, trainer, checkpointer = run.config, run.trainer, run.checkpointer
     tc, run_dir = config.trainer, epath.Path(config.run_dir)
     writer = MetricsWriter(run_dir, config=to_dict(config), total_steps=tc.num_train_steps,
@@ -261,8 +326,10 @@ def run_loop(run: Run) -> dict[str, Any]:
         checkpointer.save(step, state, {"loader": run.loader.state(), "config": to_dict(config)})
 
     hooks = [Hook(tc.eval_every, evaluate), Hook(tc.log_every, log)]
-    state = run.state
+    agreed = _Agreed(checkpointer, run.lease, config.checkpoint.decide_every)
+    state, lost = run.state, False
     try:
+        _compile_together(run)
         with PreemptionGuard() as guard:
             logger.info("%s", _compiling(run))
             for step, batch in batches(run):
@@ -274,7 +341,13 @@ def run_loop(run: Run) -> dict[str, Any]:
                     if hook.due(step, final):
                         hook.fn(step, state, record)
                 stop = guard.should_stop(step)
-                if stop or final or checkpointer.due(step):
+                by_time, lost = agreed.at(step)
+                if lost:
+                    owner = getattr(run.lease, "lost", None) or "another run (see process 0's log)"
+                    raise LeaseLost(f"stopped at step {step} without saving it: {owner} took over the lease of "
+                                    f"{run_dir}, which this run had not renewed for checkpoint.lease_minutes "
+                                    "(stalled?); the run directory is that run's now")
+                if stop or final or by_time or checkpointer.due_by_steps(step):
                     save(step, state, record)
                 if stop:
                     checkpointer.wait()
@@ -283,8 +356,10 @@ def run_loop(run: Run) -> dict[str, Any]:
                     return {**last["record"], "preempted": guard.signal_name or "preemption"}
     finally:
         checkpointer.close()
-        writer.close()
+        writer.close(flush=not lost)  # a lost run directory is another run's now
         run.loader.close()
+        if run.lease is not None:
+            run.lease.release()
         if jax.process_count() > 1:
             logger.info("%s", _reads(run))
     return last["record"]
@@ -421,10 +496,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if run.start_step >= config.trainer.num_train_steps:
             logger.info("the run in %s is already complete (step %d of %d); nothing to do", run.config.run_dir,
                         run.start_step, config.trainer.num_train_steps)
-            run.checkpointer.close()
+            run.close()
             return 0
         start = time.perf_counter()
-        record = run_loop(run)
+        try:
+            record = run_loop(run)
+        except LeaseLost as error:
+            print(f"sophia-train: {error}", file=sys.stderr)
+            return 2
         logger.info("%s", _final_line(record, run.config, time.perf_counter() - start, argv))
     return 0
 
