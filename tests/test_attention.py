@@ -211,6 +211,7 @@ def sophia_h(opt_state):
     return next(x for x in jax.tree.leaves(opt_state, is_leaf=is_sophia) if is_sophia(x)).h
 
 
+@pytest.mark.slow  # minutes on 2 cores: `python -m pytest -q -m slow`
 def test_blockwise_in_the_sharded_scanned_rematerialised_trainer_equals_naive_on_one_device():
     """Blockwise attention with batch over data x fsdp and heads over model, inside the scanned layers,
     rematerialised, through the loss gradient and the GNB Hessian step: the loss, every gradient leaf

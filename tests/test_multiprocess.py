@@ -253,3 +253,27 @@ def test_multi_process_settings_come_from_flags_or_environment_and_are_checked()
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             distributed_args(config, environ)
+
+
+@pytest.mark.slow  # minutes on 2 cores: `python -m pytest -q -m slow`
+def test_a_crashed_host_ends_its_peer_instead_of_hanging_it(tmp_path, corpus, compile_cache_env):
+    """A host crash (SIGKILL to process 1 mid-run) leaves process 0 blocked in a collective that will never
+    complete; JAX's coordination service, missing process 1's heartbeats for mesh.heartbeat_timeout_seconds,
+    must end process 0 (non-zero) so that the babysitter sees the job failed and relaunches it."""
+    run_dir = tmp_path / "run"
+    processes = start_processes(run_dir, corpus, compile_cache_env, "--mesh.heartbeat_timeout_seconds", "10")
+    try:
+        wait_for_step(run_dir, 2, processes)
+        processes[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        stderr = processes[0].communicate(timeout=180)[1]  # a hang fails here (TimeoutExpired)
+        waited = time.monotonic() - killed
+    finally:
+        finish(processes, timeout=10)
+    assert processes[0].returncode != 0, stderr[-3000:]
+    assert last_logged(run_dir) < STEPS, stderr[-3000:]
+    print(f"process 0 ended {waited:.1f} s after process 1 was killed (exit status {processes[0].returncode})")
+
+
+def last_logged(run_dir: Path) -> int:
+    return max((r["step"] for r in records(run_dir)), default=0) if (run_dir / "metrics.jsonl").exists() else 0

@@ -213,23 +213,24 @@ def test_a_relaunch_continues_from_its_own_checkpoints_not_resume_from(tmp_path,
 
 
 def test_a_second_run_into_a_run_directory_exits_2_naming_the_first(tmp_path, corpus, straight, env):
-    """The second run watches the first one's lease (renewed every 5 s), sees it renewed, and exits 2 having
-    changed nothing; the first one finishes as if alone."""
+    """The same command started twice at once: the run that takes the lease first trains as if alone; the
+    other watches the lease (renewed every 5 s), sees it renewed, and exits 2 naming the holder, having
+    changed nothing. (Started together, so that neither can finish before the other reaches the lease, which
+    each takes right after its imports.)"""
     run_dir = tmp_path / "run"
-    first = subprocess.Popen(command(run_dir, corpus), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
+    runs = [subprocess.Popen(command(run_dir, corpus), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True) for _ in range(2)]
     try:
-        wait_for(lambda: (run_dir / "config.yaml").exists(), first)  # set up; compiling and training next
-        second = run(env, run_dir, corpus)  # the same command, started twice
-        _, stderr = first.communicate(timeout=600)
+        stderrs = [process.communicate(timeout=600)[1] for process in runs]
     finally:
-        first.kill()
-        first.wait()
-    assert second.returncode == 2
-    [line] = [x for x in second.stderr.splitlines() if x.startswith("sophia-train:")]
-    assert f"sophia-train: {run_dir} is in use by run " in line and f"pid {first.pid}, started " in line, line
-    assert first.returncode == 0, stderr[-3000:]
-    assert_identical(run_dir, straight)  # every step once, the first run's checkpoints
+        for process in runs:
+            process.kill()
+            process.wait()
+    assert sorted(process.returncode for process in runs) == [0, 2], [e[-2000:] for e in stderrs]
+    winner, loser = (0, 1) if runs[0].returncode == 0 else (1, 0)
+    [line] = [x for x in stderrs[loser].splitlines() if x.startswith("sophia-train:")]
+    assert f"sophia-train: {run_dir} is in use by run " in line and f"pid {runs[winner].pid}, started " in line, line
+    assert_identical(run_dir, straight)  # every step once, the winner's checkpoints
     assert not [p.name for p in (run_dir / "checkpoints").iterdir() if "unrestorable" in p.name]
     assert json.loads((run_dir / "lease.json").read_text())["released"]
 

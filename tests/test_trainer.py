@@ -277,6 +277,7 @@ def test_baselines_run_through_the_same_config(tmp_path, corpus_dir, optimizer):
     assert record["eval/loss"] < initial - 0.2, (initial, record["eval/loss"])
 
 
+@pytest.mark.slow  # minutes on 2 cores: `python -m pytest -q -m slow`
 def test_restore_onto_another_mesh_gives_the_same_params_and_continues(tmp_path):
     saved_on = trainer_on(CONFIG, (8, 1, 1))
     state, _ = run_steps(saved_on, 2)
@@ -398,6 +399,7 @@ def test_evaluation_covers_a_validation_split_smaller_than_one_train_batch(tmp_p
     run.loader.close()
 
 
+@pytest.mark.slow  # minutes on 2 cores: `python -m pytest -q -m slow`
 def test_auto_microbatches_are_the_fewest_whose_compiled_step_fits():
     """trainer.microbatches / optimizer.hessian_microbatches 'auto' against direct measurements: the chosen
     count's compiled step fits the budget and the next fewer does not."""
