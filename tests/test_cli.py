@@ -296,6 +296,7 @@ def read_until(process: subprocess.Popen, marker: str, seen: list[str]) -> None:
     raise AssertionError(f"{marker!r} never came: {''.join(seen)[-3000:]}")
 
 
+@pytest.mark.slow  # minutes on 2 cores: `python -m pytest -q -m slow`
 def test_ctrl_c_on_the_default_run_prints_the_command_that_resumes_it(tmp_path, corpus, env):
     """No --run_dir: the run goes to runs/neox_tiny-<time>. Ctrl-C while the first step compiles saves step 1
     and prints the exact resume command; that command finishes the run from step 1. Without a terminal the
@@ -330,6 +331,7 @@ def test_ctrl_c_on_the_default_run_prints_the_command_that_resumes_it(tmp_path, 
     assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow  # minutes on 2 cores: `python -m pytest -q -m slow`
 def test_ctrl_c_before_the_first_step_is_one_line_and_leaves_no_half_built_corpus(tmp_path, env):
     corpus = tmp_path / "corpus"
     process = subprocess.Popen(train_command(*TINY, "--data.embedded_dir", str(corpus), "--run_dir",

@@ -90,6 +90,7 @@ def _last_eval(run_dir: Path) -> float:
     return records[-1]["eval/loss"]
 
 
+@pytest.mark.slow  # minutes on 2 cores: `python -m pytest -q -m slow`
 def test_smoke_two_optimizers_ten_steps_then_resume(tmp_path):
     out = tmp_path / "out"
     command = [sys.executable, str(REPO / "benchmarks" / "convergence.py"), "--out", str(out), "--regimes", "small",

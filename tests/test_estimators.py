@@ -321,7 +321,8 @@ def test_chunked_logits_are_never_built_whole():
     assert whole > logits_mib and chunked < logits_mib / 2 and chunked < whole / 4, (whole, chunked)
 
 
-@pytest.mark.parametrize("shape", [(37, 11), (3, 37, 11), (2, 3, 16, 5)])
+@pytest.mark.parametrize("shape", [pytest.param((37, 11), marks=pytest.mark.slow), (3, 37, 11),
+                                   pytest.param((2, 3, 16, 5), marks=pytest.mark.slow)])
 def test_both_ways_of_sampling_draw_the_documented_labels(shape):
     """sample_labels runs one of two programs by platform (all positions at once; groups of positions under
     lax.map, on CPU): both give the restated labels, for position counts that are and are not multiples of

@@ -166,7 +166,7 @@ def check_export(run_dir: Path, out: Path, vocab: int) -> None:
     assert tokenizer.eos_token == "<|endoftext|>" and model.config.eos_token_id == tokenizer.eos_token_id == 0
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox"])
+@pytest.mark.parametrize("arch", ["gpt2", pytest.param("neox", marks=pytest.mark.slow)])  # neox: test_hf.py
 def test_exported_run_in_transformers_has_our_logits_and_eval_loss(request, tmp_path, arch):
     run_dir = request.getfixturevalue("gpt2_run")[0] if arch == "gpt2" else request.getfixturevalue("neox_run")
     shard = ["--max_shard_size", "100KB"] if arch == "neox" else []

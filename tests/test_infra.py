@@ -4,6 +4,7 @@ on the workers is tests/test_worker_scripts.py, the babysitter's decisions tests
 pod, emulated, tests/test_pod.py.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -84,6 +85,18 @@ def fake(tmp_path, monkeypatch) -> Fake:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     return f
+
+
+@pytest.fixture
+def libtpu_importable(tmp_path, monkeypatch) -> None:
+    """An importable stand-in for libtpu on this process's path where none is installed (CI installs only
+    `.[test]`): for tests of what comes after the fit check's libtpu requirement, which
+    test_plan_launch_and_babysit_need_libtpu_here_for_the_fit_check tests itself."""
+    if importlib.util.find_spec("libtpu") is None:
+        stand_in = tmp_path / "stand-in" / "libtpu"
+        stand_in.mkdir(parents=True)
+        (stand_in / "__init__.py").write_text("")
+        monkeypatch.syspath_prepend(str(stand_in.parent))
 
 
 @pytest.fixture
@@ -235,8 +248,8 @@ def test_launch_refuses_a_vm_that_is_not_ready(fake, capfd):
     assert fake.calls() == [DESCRIBE]
 
 
-def test_launch_stops_before_anything_when_the_fit_check_fails(fake, capfd):
-    # A v3-8 has 8 cores, which a model axis of 3 does not divide: sophia-aot exits 2 (also without libtpu).
+def test_launch_stops_before_anything_when_the_fit_check_fails(fake, capfd, libtpu_importable):
+    # A v3-8 has 8 cores, which a model axis of 3 does not divide: sophia-aot exits 2 (with libtpu or without).
     code, out, err = sophia_tpu(capfd, "launch", "t1", "--zone", ZONE, "--type", "v3-8", "--config", CONFIG_1_5B,
                                 "--run_dir", "gs://b/runs/r1", "--mesh.model", "3", "--data.cache", "gs://b/pile")
     assert code == 1
@@ -259,7 +272,7 @@ def test_launch_refuses_bad_arguments_before_calling_anything(fake, capfd, args,
     assert fake.calls() == []
 
 
-def test_plan_prints_create_setup_launch_and_calls_nothing(fake, repo, capfd, monkeypatch):
+def test_plan_prints_create_setup_launch_and_calls_nothing(fake, repo, capfd, monkeypatch, libtpu_importable):
     monkeypatch.setenv("WANDB_API_KEY", SECRET)
     path, commit = repo
     code, out, err = sophia_tpu(capfd, "plan", "t1", "--zone", ZONE, "--type", "v3-128", "--spot", "--config",
@@ -396,7 +409,8 @@ def test_delete_asks_first_unless_yes(fake, capfd, monkeypatch):
 DRY_RUNS = {
     "create": ["--type", "v3-8", "--spot"],
     "setup": [],
-    "launch": ["--config", CONFIG_1_5B, "--run_dir", "gs://b/runs/r1", "--data.cache", "gs://b/pile"],
+    "launch": ["--config", CONFIG_1_5B, "--run_dir", "gs://b/runs/r1", "--data.cache", "gs://b/pile",
+               "--skip-fit-check"],
     "status": [],
     "logs": ["--follow"],
     "delete": [],

@@ -139,6 +139,7 @@ def wait_for_step(run_dir: Path, step: int, processes: list[subprocess.Popen], t
         time.sleep(0.01)
 
 
+@pytest.mark.slow  # minutes on 2 cores: `python -m pytest -q -m slow`
 def test_two_processes_match_one_stop_together_and_read_only_their_rows(tmp_path, corpus, reference,
                                                                       compile_cache_env):
     ref_dir, ref_reads = reference
@@ -192,6 +193,7 @@ def test_two_processes_match_one_stop_together_and_read_only_their_rows(tmp_path
         assert sum(s[digest] for p in per for s in p) & mask == ref_reads[digest]
 
 
+@pytest.mark.slow  # minutes on 2 cores: `python -m pytest -q -m slow`
 def test_time_based_checkpoints_are_decided_once_for_both_processes(tmp_path, corpus, compile_cache_env):
     """Issue 17: each process read `checkpoint.every_minutes` off its own clock, so one waited in the save's
     barrier while the other trained on, and both hung. Saving every 1.2 s over 60 steps, logging every 10th

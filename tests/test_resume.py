@@ -118,6 +118,7 @@ def test_sigkill_at_step_boundaries_and_mid_save_then_resume_is_bit_exact(tmp_pa
     assert_identical(run_dir, straight)
 
 
+@pytest.mark.slow  # minutes on 2 cores: `python -m pytest -q -m slow`
 def test_sigterm_saves_and_exits_0_then_resume_is_bit_exact(tmp_path, corpus, straight, env):
     run_dir = tmp_path / "run"
     for stop_at in (9, 23):

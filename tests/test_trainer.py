@@ -112,7 +112,8 @@ def test_microbatched_hessian_step_sharded_equals_one_device():
         np.testing.assert_allclose(a, b, atol=1e-7, rtol=1e-4)
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+@pytest.mark.parametrize("mesh", [pytest.param((8, 1, 1), marks=pytest.mark.slow),
+                                  pytest.param((2, 4, 1), marks=pytest.mark.slow), (2, 2, 2)])
 def test_sharded_steps_equal_one_device(reference, mesh):
     """Same losses, params, m and h as one device after 4 steps incl. 2 Hessian steps (k = 2)."""
     ref_state, ref_losses = reference
@@ -141,6 +142,7 @@ def test_sharded_steps_equal_one_device(reference, mesh):
         assert state.params.embed.weight.array.sharding.spec != jax.sharding.PartitionSpec()
 
 
+@pytest.mark.slow  # minutes on 2 cores: `python -m pytest -q -m slow`
 def test_gradient_accumulation_equals_one_big_batch():
     """4 microbatches (lax.scan) give the gradient and loss of the whole batch at once (plain jax.grad)."""
     config = dataclasses.replace(CONFIG, trainer=dataclasses.replace(CONFIG.trainer, microbatches=4))
@@ -237,7 +239,7 @@ def tiny_run(tmp_path, corpus_dir, **optimizer) -> TrainConfig:
     )
 
 
-@pytest.mark.parametrize("mode", ["separate", "cond"])
+@pytest.mark.parametrize("mode", ["separate", pytest.param("cond", marks=pytest.mark.slow)])
 def test_short_sophia_run_learns_and_refreshes_h_exactly_on_steps_k_2k(tmp_path, corpus_dir, mode):
     config = tiny_run(tmp_path, corpus_dir, hessian_mode=mode)
     run_loop(setup(config))
