@@ -64,6 +64,7 @@ def reference():
     return run_steps((1, 1, 1))
 
 
+@pytest.mark.slow  # minutes on 2 cores: `python -m pytest -q -m slow`
 def test_sharded_gpt2_steps_equal_one_device(reference):
     """4 steps with 2 Hessian refreshes on a (data 2, fsdp 2, model 2) mesh: the losses, params, m and h of
     one device (float32 sums in another order; Sophia's clipped step amplifies round-off where h is small:

@@ -195,6 +195,7 @@ def test_loss_mask_matches_masked_mean(model):
     assert float(weights.sum().array) == float(mask.sum())
 
 
+@pytest.mark.slow  # minutes on 2 cores: `python -m pytest -q -m slow`
 def test_bf16_compute_over_f32_params():
     config = dataclasses.replace(CONFIG, compute_dtype="bfloat16")
     model = GPTNeoX.init(config, key=jax.random.PRNGKey(0))

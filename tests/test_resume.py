@@ -283,6 +283,7 @@ def test_wandb_is_rewound_to_the_step_a_run_resumes_from(tmp_path):
     assert served_history(files, "train/loss") == {s: 200.0 + s for s in range(1, 4)}
 
 
+@pytest.mark.slow  # minutes on 2 cores: `python -m pytest -q -m slow`
 def test_a_run_stalled_past_its_lease_stops_once_another_run_took_it_over(tmp_path, corpus, env):
     """Paused (SIGSTOP) longer than checkpoint.lease_minutes, a run loses its run directory to the run that
     took the lease over; continued, it stops at its next decision step without saving (exit 2, one line)

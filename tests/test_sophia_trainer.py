@@ -37,7 +37,8 @@ def sophia(opt_state) -> sophia_jax.SophiaState:
     return next(x for x in jax.tree.leaves(opt_state, is_leaf=is_sophia) if is_sophia(x))
 
 
-@pytest.mark.parametrize("loss_chunk, mesh", [(5, (1, 1, 1)), (16, (1, 1, 1)), (5, (2, 2, 2))])
+@pytest.mark.parametrize("loss_chunk, mesh", [pytest.param(5, (1, 1, 1), marks=pytest.mark.slow), (16, (1, 1, 1)),
+                                             (5, (2, 2, 2))])
 def test_the_chunked_hessian_step_equals_the_estimator_on_the_models_whole_logits(loss_chunk, mesh):
     """The trainer's estimator builds the logits model.loss_chunk positions at a time (16 = 3 chunks of 5 and
     one of 1); on the same key it samples the labels of, and folds in the h of, the GNB estimator over the

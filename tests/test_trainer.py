@@ -95,6 +95,7 @@ def reference():
     return run_steps(trainer_on(CONFIG, (1, 1, 1)), 4)
 
 
+@pytest.mark.slow  # minutes on 2 cores: `python -m pytest -q -m slow`
 def test_microbatched_hessian_step_sharded_equals_one_device():
     """optimizer.hessian_microbatches=2: the scanned GNB estimate on a (2,2,2) mesh, with its FSDP-sharded
     accumulator, folds the same h into the state as on one device."""
@@ -192,7 +193,7 @@ def test_non_finite_gradient_drops_the_update_and_keeps_params_and_moments():
     assert set(counts(after.opt_state).values()) == {3}
 
 
-@pytest.mark.parametrize("mode", ["separate", "cond"])
+@pytest.mark.parametrize("mode", ["separate", pytest.param("cond", marks=pytest.mark.slow)])
 def test_a_skipped_step_keeps_every_counter_on_the_step_and_logs_the_applied_lr(mode):
     """After a skipped step the schedule, Sophia's k-cadence and the loop agree: the logged lr is the one
     the next steps apply, and h is refreshed on steps k, 2k (not one step late)."""
