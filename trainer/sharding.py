@@ -168,13 +168,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(AXIS_RULES["batch"][1], None))
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-    """How many row blocks a batch is split into (global batches must be a multiple of it)."""
-    axes = AXIS_RULES["batch"][1]
-    axes = (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
-
-
 def state_shardings(abstract_state, mesh: Mesh):
     """NamedShardings for a (possibly abstract) train state: NamedArrays by the parameter mapping,
     everything else (counters, keys, scalars) replicated."""
